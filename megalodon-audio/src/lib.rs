@@ -1,0 +1,1 @@
+//! megalodon-audio (skeleton)

@@ -1,0 +1,114 @@
+//! Reader for the golden-vector JSON files produced from the official implementation
+//! (`tests/fixtures/*.json`). Every tensor is stored as `{shape, dtype, data}` (row-major).
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// A golden file: a JSON tree of `{shape, dtype, data}` tensors and plain values.
+pub struct Golden {
+    pub root: Value,
+    pub path: String,
+}
+
+/// One tensor read from a golden file, as f64.
+#[derive(Debug, Clone)]
+pub struct GTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+impl Golden {
+    /// Reads and parses a golden JSON file; errors name the file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading golden file {}", path.display()))?;
+        let root: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        if !root.is_object() {
+            bail!("{}: expected a JSON object at the top level", path.display());
+        }
+        Ok(Self { root, path: path.display().to_string() })
+    }
+
+    /// Looks up a value by a path of keys (keys may themselves contain dots, so the path is a slice).
+    pub fn value(&self, keys: &[&str]) -> Result<&Value> {
+        let mut v = &self.root;
+        for (i, k) in keys.iter().enumerate() {
+            v = v.get(*k).with_context(|| format!("{}: missing key `{}`", self.path, keys[..=i].join("/")))?;
+        }
+        Ok(v)
+    }
+
+    /// Reads a tensor at a key path, checking its declared shape against its data length.
+    pub fn tensor(&self, keys: &[&str]) -> Result<GTensor> {
+        let v = self.value(keys)?;
+        parse_tensor(v).with_context(|| format!("{}: tensor `{}`", self.path, keys.join("/")))
+    }
+
+    /// Reads a tensor and checks it has the expected shape.
+    pub fn tensor_shaped(&self, keys: &[&str], shape: &[usize]) -> Result<GTensor> {
+        let t = self.tensor(keys)?;
+        if t.shape != shape {
+            bail!("{}: tensor `{}` has shape {:?}, expected {:?}", self.path, keys.join("/"), t.shape, shape);
+        }
+        Ok(t)
+    }
+
+    /// Reads a tensor as f32 values.
+    pub fn f32s(&self, keys: &[&str]) -> Result<Vec<f32>> {
+        Ok(self.tensor(keys)?.data.iter().map(|&x| x as f32).collect())
+    }
+
+    /// Reads a plain number.
+    pub fn number(&self, keys: &[&str]) -> Result<f64> {
+        self.value(keys)?.as_f64().with_context(|| format!("{}: `{}` is not a number", self.path, keys.join("/")))
+    }
+
+    /// Reads a list of non-negative integers (e.g. `incremental_split`).
+    pub fn usizes(&self, keys: &[&str]) -> Result<Vec<usize>> {
+        let v = self.value(keys)?;
+        let arr = v.as_array().with_context(|| format!("{}: `{}` is not a list", self.path, keys.join("/")))?;
+        arr.iter()
+            .map(|x| x.as_u64().map(|u| u as usize).with_context(|| format!("{}: `{}` holds a non-integer", self.path, keys.join("/"))))
+            .collect()
+    }
+}
+
+/// Parses one `{shape, dtype, data}` object (data may be nested lists or flat).
+pub fn parse_tensor(v: &Value) -> Result<GTensor> {
+    let shape: Vec<usize> = v
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .context("missing `shape` list")?
+        .iter()
+        .map(|x| x.as_u64().map(|u| u as usize).context("non-integer in `shape`"))
+        .collect::<Result<_>>()?;
+    let data_v = v.get("data").context("missing `data`")?;
+    let mut data = Vec::new();
+    flatten(data_v, &mut data)?;
+    let n: usize = shape.iter().product();
+    if data.len() != n {
+        bail!("shape {:?} needs {} values, `data` has {}", shape, n, data.len());
+    }
+    Ok(GTensor { shape, data })
+}
+
+fn flatten(v: &Value, out: &mut Vec<f64>) -> Result<()> {
+    match v {
+        Value::Array(a) => {
+            for x in a {
+                flatten(x, out)?;
+            }
+        }
+        Value::Number(n) => out.push(n.as_f64().context("number out of range")?),
+        Value::Bool(b) => out.push(if *b { 1.0 } else { 0.0 }),
+        other => bail!("unexpected value in `data`: {other}"),
+    }
+    Ok(())
+}
+
+/// Maximum absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}

@@ -1,0 +1,3 @@
+//! The Megalodon modules, bottom-up.
+
+pub mod cema;

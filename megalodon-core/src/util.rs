@@ -1,0 +1,20 @@
+//! Small helpers shared by the modules.
+
+use dfdx::prelude::*;
+
+/// The float dtypes the model runs in (f32 for use, f64 for gradient checks).
+pub trait Float: Dtype + num_traits::Float + std::fmt::Debug {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// Converts an f64 constant to the model dtype.
+#[inline]
+pub fn c<E: Dtype>(x: f64) -> E {
+    // Every Dtype implements FromPrimitive for f64 (f32/f64 always succeed).
+    E::from_f64(x).expect("f64 constant representable in the model dtype")
+}
+
+/// A tensor's values as f64 on the host.
+pub fn to_f64<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, T>) -> Vec<f64> {
+    t.as_vec().into_iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect()
+}

@@ -1,0 +1,1 @@
+pub use megalodon_core as core;
