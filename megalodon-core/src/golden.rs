@@ -112,3 +112,19 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
+
+impl GTensor {
+    /// Uploads the values to a device tensor of the given shape (element counts must agree).
+    pub fn to_dev<S: dfdx::shapes::Shape, E: dfdx::shapes::Dtype, D: dfdx::tensor_ops::Device<E>>(
+        &self,
+        dev: &D,
+        shape: S,
+    ) -> Result<dfdx::tensor::Tensor<S, E, D>> {
+        let n = shape.num_elements();
+        if n != self.data.len() {
+            bail!("golden tensor of shape {:?} cannot fill a tensor of {} elements", self.shape, n);
+        }
+        let v: Vec<E> = self.data.iter().map(|&x| crate::util::c::<E>(x)).collect();
+        Ok(dev.tensor_from_vec(v, shape))
+    }
+}
