@@ -128,3 +128,33 @@ impl GTensor {
         Ok(dev.tensor_from_vec(v, shape))
     }
 }
+
+/// Copies every parameter of `model` from the golden tensors under `root` (e.g. `["params"]`),
+/// keyed by the official names. Shapes must agree exactly; the error names the key.
+pub fn load_params<E, D, P>(model: &mut P, g: &Golden, root: &[&str]) -> Result<()>
+where
+    E: crate::util::Float,
+    D: dfdx::tensor_ops::Device<E>,
+    P: crate::params::Params<E, D>,
+{
+    struct Loader<'a> {
+        g: &'a Golden,
+        root: Vec<String>,
+    }
+    impl<E: crate::util::Float, D: dfdx::tensor_ops::Device<E>> crate::params::ParamVisitor<E, D> for Loader<'_> {
+        fn visit<S: dfdx::shapes::Shape>(&mut self, name: &str, t: &mut dfdx::tensor::Tensor<S, E, D>) -> Result<()> {
+            let mut keys: Vec<&str> = self.root.iter().map(|s| s.as_str()).collect();
+            keys.push(name);
+            let gt = self.g.tensor(&keys)?;
+            use dfdx::shapes::HasShape;
+            let want: Vec<usize> = t.shape().concrete().into();
+            if gt.shape != want {
+                bail!("{}: parameter `{name}` has shape {:?} in the file, the model expects {:?}", self.g.path, gt.shape, want);
+            }
+            let v: Vec<E> = gt.data.iter().map(|&x| crate::util::c::<E>(x)).collect();
+            t.copy_from(&v);
+            Ok(())
+        }
+    }
+    model.visit_params("", &mut Loader { g, root: root.iter().map(|s| s.to_string()).collect() })
+}

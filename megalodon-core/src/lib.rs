@@ -10,6 +10,7 @@ pub mod config;
 pub mod golden;
 pub mod nn;
 pub mod params;
+pub mod presets;
 pub mod train;
 pub mod util;
 

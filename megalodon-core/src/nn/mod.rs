@@ -3,3 +3,9 @@
 pub mod cema;
 pub mod scan;
 pub mod timestep_norm;
+pub mod layers;
+pub mod attention;
+pub mod nffn;
+pub mod block;
+pub mod model;
+pub mod bidirectional;
