@@ -7,10 +7,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod fit;
 pub mod golden;
 pub mod nn;
 pub mod params;
 pub mod presets;
+pub mod tasks;
 pub mod train;
 pub mod util;
 

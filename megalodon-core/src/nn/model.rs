@@ -1,7 +1,7 @@
 //! The whole Megalodon language model (spec section 1, class `Mega`): embedding, L layers,
 //! final TimestepNorm and the (optionally tied) output layer, plus its streaming state.
 
-use super::attention::{LayerState, Probe};
+use super::attention::{LayerState, Probe, Rope};
 use super::block::MegaBlock;
 use super::layers::{normal_vec, Seq};
 use super::timestep_norm::{NormState, TimestepNorm};
@@ -237,5 +237,57 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
             v.visit(&join(prefix, "output.output.weight"), w)?;
         }
         Ok(())
+    }
+}
+
+fn timenorm_buffers(prefix: &str, groups: usize, out: &mut Vec<(String, crate::checkpoint::Buffer)>) {
+    use crate::checkpoint::Buffer;
+    out.push((format!("{prefix}.prior_count"), Buffer::I64 { shape: vec![], data: vec![0] }));
+    out.push((format!("{prefix}.prior_mean"), Buffer::F32 { shape: vec![groups], data: vec![0.0; groups] }));
+    out.push((format!("{prefix}.prior_logv"), Buffer::F32 { shape: vec![groups], data: vec![0.0; groups] }));
+}
+
+impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
+    crate::checkpoint::HasBuffers for Megalodon<L, M, Z, V, H, F, N, G, E, D>
+{
+    /// The official buffers: `rope.freqs`, and the (zero, unused) TimestepNorm priors.
+    fn buffers(&self) -> Vec<(String, crate::checkpoint::Buffer)> {
+        let rope = Rope::new(Z / H, self.conf.rope_base());
+        let mut out = vec![("rope.freqs".to_string(), crate::checkpoint::Buffer::F32 { shape: vec![rope.freqs.len()], data: rope.freqs })];
+        for i in 0..L {
+            timenorm_buffers(&format!("layers.{i}.mega.timenorm"), G, &mut out);
+        }
+        timenorm_buffers("output.final_norm", G, &mut out);
+        out
+    }
+
+    /// With `share_emb`, `output.output.weight` is written as a copy of `embed.weight`.
+    fn aliases(&self) -> Vec<(String, String)> {
+        if self.output.is_none() {
+            vec![("output.output.weight".to_string(), "embed.weight".to_string())]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
+    Megalodon<L, M, Z, V, H, F, N, G, E, D>
+{
+    /// Writes `config.json` and `model.safetensors` (official key names) into `dir`, atomically.
+    pub fn save_run(&mut self, dir: &std::path::Path) -> Result<()> {
+        let conf = self.conf.clone();
+        crate::checkpoint::save_run(dir, &conf, self)
+    }
+
+    /// Loads a run directory written by [`save_run`](Self::save_run) or exported from the
+    /// official model: the config is checked against this type's widths (error names the field),
+    /// then every weight is loaded by its official key (errors name key and shapes).
+    pub fn load_run(dev: &D, dir: &std::path::Path) -> Result<Self> {
+        let conf = crate::checkpoint::load_config(dir)?;
+        conf.check_dims(&Self::DIMS).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(crate::checkpoint::CONFIG_FILE).display()))?;
+        let mut model = Self::new(dev, conf, 0)?;
+        crate::checkpoint::load_run_weights(dir, &mut model)?;
+        Ok(model)
     }
 }
