@@ -578,3 +578,58 @@ fn timing() {
         );
     }
 }
+
+#[test]
+fn state_carry_gradients_equal_one_call() {
+    let dev = Cpu::default();
+    let mut rng = StdRng::seed_from_u64(13);
+    const M: usize = 8;
+    const N: usize = 4;
+    let p = P::random(M, N, &mut rng);
+    let cema = p.model::<M, N, f64, _>(&dev);
+    let (b, t, t1) = (2usize, 150usize, 61usize);
+    let u: Vec<f64> = (0..b * t * M)
+        .map(|_| rng.gen::<f64>() * 2.0 - 1.0)
+        .collect();
+    let g: Vec<f64> = (0..b * t * M)
+        .map(|_| rng.gen::<f64>() * 2.0 - 1.0)
+        .collect();
+    let part = |v: &[f64], lo: usize, hi: usize| -> Tensor<(usize, usize, Const<M>), f64, Cpu> {
+        let w: Vec<f64> = (0..b)
+            .flat_map(|bi| v[(bi * t + lo) * M..(bi * t + hi) * M].to_vec())
+            .collect();
+        dev.tensor_from_vec(w, (b, hi - lo, Const))
+    };
+    // one call
+    let uf = part(&u, 0, t);
+    let (y, _) = cema
+        .try_forward_chunked(uf.leaky_trace(), None, false, 8, 3)
+        .unwrap();
+    let gr = (y * part(&g, 0, t)).sum().backward();
+    let full_alpha = gr.get(&cema.alpha).as_vec();
+    let full_theta = gr.get(&cema.theta).as_vec();
+    let full_u = gr.get(&uf).as_vec();
+    // two calls, state carried with its tape
+    let (u1, u2) = (part(&u, 0, t1), part(&u, t1, t));
+    let (y1, s1) = cema
+        .try_forward_chunked(u1.leaky_trace(), None, true, 8, 3)
+        .unwrap();
+    let (y2, _) = cema
+        .try_forward_chunked(u2.leaky_trace(), s1, false, 8, 3)
+        .unwrap();
+    let gr = ((y1 * part(&g, 0, t1)).sum() + (y2 * part(&g, t1, t)).sum()).backward();
+    let e = max_abs_diff(&gr.get(&cema.alpha).as_vec(), &full_alpha)
+        .max(max_abs_diff(&gr.get(&cema.theta).as_vec(), &full_theta));
+    let (g1, g2) = (gr.get(&u1).as_vec(), gr.get(&u2).as_vec());
+    let joined: Vec<f64> = (0..b)
+        .flat_map(|bi| {
+            [
+                &g1[bi * t1 * M..(bi + 1) * t1 * M],
+                &g2[bi * (t - t1) * M..(bi + 1) * (t - t1) * M],
+            ]
+            .concat()
+        })
+        .collect();
+    let e = e.max(max_abs_diff(&joined, &full_u));
+    assert!(e < 1e-10, "{e}");
+}
