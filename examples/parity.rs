@@ -30,13 +30,20 @@ struct Args {
 
 fn run(args: &Args) -> Result<(f64, f64)> {
     let g = Golden::load(&args.file)?;
-    let conf: ModelConf = serde_json::from_value(g.value(&["config"])?.clone()).with_context(|| format!("{}: bad `config`", g.path))?;
-    conf.check_dims(&Tiny::<f32, Cpu>::DIMS).with_context(|| format!("{}: this example runs the Tiny dims", g.path))?;
+    let conf: ModelConf = serde_json::from_value(g.value(&["config"])?.clone())
+        .with_context(|| format!("{}: bad `config`", g.path))?;
+    conf.check_dims(&Tiny::<f32, Cpu>::DIMS)
+        .with_context(|| format!("{}: this example runs the Tiny dims", g.path))?;
     let dev: Cpu = Default::default();
     let mut model = Tiny::<f32, Cpu>::new(&dev, conf.clone(), 0)?;
     load_params(&mut model, &g, &["params"])?;
     let tok = g.tensor(&["tokens"])?;
-    ensure!(tok.shape.len() == 2, "{}: `tokens` must be (B, T), found shape {:?}", g.path, tok.shape);
+    ensure!(
+        tok.shape.len() == 2,
+        "{}: `tokens` must be (B, T), found shape {:?}",
+        g.path,
+        tok.shape
+    );
     let (b, t) = (tok.shape[0], tok.shape[1]);
     let tokens: Vec<usize> = tok.data.iter().map(|&x| x as usize).collect();
     let v = conf.vocab_size;
@@ -47,13 +54,20 @@ fn run(args: &Args) -> Result<(f64, f64)> {
 
     let split = g.usizes(&["incremental_split"])?;
     let total: usize = split.iter().sum();
-    ensure!(total <= t && !split.contains(&0), "{}: incremental_split {:?} must be positive and sum to at most T = {t}", g.path, split);
+    ensure!(
+        total <= t && !split.contains(&0),
+        "{}: incremental_split {:?} must be positive and sum to at most T = {t}",
+        g.path,
+        split
+    );
     let want_inc = g.tensor_shaped(&["logits_incremental"], &[b, total, v])?;
     let mut state = model.new_state(b);
     let mut inc = vec![0.0; b * total * v];
     let mut pos = 0;
     for &n in &split {
-        let chunk: Vec<usize> = (0..b).flat_map(|bi| tokens[bi * t + pos..bi * t + pos + n].to_vec()).collect();
+        let chunk: Vec<usize> = (0..b)
+            .flat_map(|bi| tokens[bi * t + pos..bi * t + pos + n].to_vec())
+            .collect();
         let l = to_f64(&model.forward_stream(&chunk, b, n, &mut state)?);
         for bi in 0..b {
             for i in 0..n {
@@ -64,7 +78,10 @@ fn run(args: &Args) -> Result<(f64, f64)> {
         pos += n;
     }
     let d_inc = max_abs_diff(&inc, &want_inc.data);
-    println!("file: {} (B {b}, T {t}, swiglu {}, split {:?})", g.path, conf.swiglu, split);
+    println!(
+        "file: {} (B {b}, T {t}, swiglu {}, split {:?})",
+        g.path, conf.swiglu, split
+    );
     Ok((d_full, d_inc))
 }
 

@@ -4,7 +4,7 @@
 //! TimestepNorm statistics — a direct check that the cross-chunk machinery learns.
 //!
 //! ```text
-//! cargo run --release --example train_copy -- [--steps 600] [--seed 0] [--out runs/copy] [--resume]
+//! cargo run --release --example train_copy -- [--steps 1200] [--seed 0] [--out runs/copy] [--resume]
 //! ```
 //! Offline, CPU, about a minute on 2 cores. With `--out`, checkpoints go to `OUT/ckpt-*` (every
 //! `--ckpt-every` steps) and the loss to `OUT/metrics.csv`; `--resume` continues from the latest.
@@ -23,13 +23,13 @@ use std::time::Instant;
 #[command(about = "Train Tiny Megalodon on a long-range copy task")]
 struct Args {
     /// Optimizer steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1200)]
     steps: u64,
     /// Sequences per batch.
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Sequence length (several chunks of 8).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     seq_len: usize,
     /// Symbols to recall.
     #[arg(long, default_value_t = 3)]
@@ -61,11 +61,29 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dev: Cpu = Default::default();
     dev.enable_cache();
-    let task = CopyTask { seq_len: args.seq_len, k: args.k, symbols: args.symbols, batch: args.batch, seed: args.seed };
+    let task = CopyTask {
+        seq_len: args.seq_len,
+        k: args.k,
+        symbols: args.symbols,
+        batch: args.batch,
+        seed: args.seed,
+    };
     let conf = Tiny::<f32, Cpu>::default_conf(TINY_CHUNK, task.vocab());
     let mut model = Tiny::<f32, Cpu>::new(&dev, conf, args.seed)?;
-    let optim = OptimConf { lr: args.lr, warmup: (args.steps / 10) as usize, max_steps: args.steps as usize, weight_decay: 0.0, ..OptimConf::default() };
-    let fc = FitConf { steps: args.steps, ckpt_every: args.ckpt_every, out: args.out.clone(), resume: args.resume, seed: args.seed };
+    let optim = OptimConf {
+        lr: args.lr,
+        warmup: (args.steps / 10) as usize,
+        max_steps: args.steps as usize,
+        weight_decay: 0.0,
+        ..OptimConf::default()
+    };
+    let fc = FitConf {
+        steps: args.steps,
+        ckpt_every: args.ckpt_every,
+        out: args.out.clone(),
+        resume: args.resume,
+        seed: args.seed,
+    };
     println!(
         "copy task: recall {} of {} symbols across {} chunks of {} tokens; chance loss = ln({}) = {:.3}",
         args.k,
@@ -78,15 +96,37 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let mut first = None;
     let mut smooth = 0.0;
-    let logs = fit(&mut model, optim, &fc, |step| Ok(task.batch(step)), |l| {
-        first.get_or_insert(l.loss);
-        smooth = if l.step <= 1 { l.loss } else { 0.9 * smooth + 0.1 * l.loss };
-        if l.step % args.log_every == 0 || l.step == 1 {
-            println!("step {:5}  loss {:.4}  (avg {:.4})  lr {:.2e}  |g| {:.3}  {:.1}s", l.step, l.loss, smooth, l.lr, l.grad_norm, start.elapsed().as_secs_f64());
-        }
-    })?;
+    let logs = fit(
+        &mut model,
+        optim,
+        &fc,
+        |step| Ok(task.batch(step)),
+        |l| {
+            first.get_or_insert(l.loss);
+            smooth = if l.step <= 1 {
+                l.loss
+            } else {
+                0.9 * smooth + 0.1 * l.loss
+            };
+            if l.step % args.log_every == 0 || l.step == 1 {
+                println!(
+                    "step {:5}  loss {:.4}  (avg {:.4})  lr {:.2e}  |g| {:.3}  {:.1}s",
+                    l.step,
+                    l.loss,
+                    smooth,
+                    l.lr,
+                    l.grad_norm,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        },
+    )?;
     // held-out accuracy on fresh sequences
-    let eval = CopyTask { seed: args.seed.wrapping_add(1_000_003), batch: 256, ..task };
+    let eval = CopyTask {
+        seed: args.seed.wrapping_add(1_000_003),
+        batch: 256,
+        ..task
+    };
     let b = eval.batch(0);
     let logits = model.forward(&b.tokens, b.batch, b.seq_len)?.as_vec();
     let v = task.vocab();
@@ -94,14 +134,27 @@ fn main() -> Result<()> {
     for (i, tg) in b.targets.iter().enumerate() {
         if let Some(t) = tg {
             let row = &logits[i * v..(i + 1) * v];
-            let arg = row.iter().enumerate().fold(0, |a, (j, x)| if *x > row[a] { j } else { a });
+            let arg = row
+                .iter()
+                .enumerate()
+                .fold(0, |a, (j, x)| if *x > row[a] { j } else { a });
             hit += usize::from(arg == *t);
             n += 1;
         }
     }
     if let Some(last) = logs.last() {
-        println!("first loss {:.4} -> final loss {:.4} (smoothed {:.4}) in {:.1}s", first.unwrap_or(f64::NAN), last.loss, smooth, start.elapsed().as_secs_f64());
+        println!(
+            "first loss {:.4} -> final loss {:.4} (smoothed {:.4}) in {:.1}s",
+            first.unwrap_or(f64::NAN),
+            last.loss,
+            smooth,
+            start.elapsed().as_secs_f64()
+        );
     }
-    println!("held-out recall accuracy: {:.1}% ({hit}/{n}; chance {:.1}%)", 100.0 * hit as f64 / n as f64, 100.0 / args.symbols as f64);
+    println!(
+        "held-out recall accuracy: {:.1}% ({hit}/{n}; chance {:.1}%)",
+        100.0 * hit as f64 / n as f64,
+        100.0 / args.symbols as f64
+    );
     Ok(())
 }

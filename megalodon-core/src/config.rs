@@ -145,13 +145,23 @@ impl ModelConf {
             ("z_dim", expected.z_dim, found.z_dim),
             ("value_dim", expected.value_dim, found.value_dim),
             ("num_heads", expected.num_heads, found.num_heads),
-            ("ffn_hidden_dim", expected.ffn_hidden_dim, found.ffn_hidden_dim),
+            (
+                "ffn_hidden_dim",
+                expected.ffn_hidden_dim,
+                found.ffn_hidden_dim,
+            ),
             ("cema_ndim", expected.cema_ndim, found.cema_ndim),
-            ("norm_num_groups", expected.norm_num_groups, found.norm_num_groups),
+            (
+                "norm_num_groups",
+                expected.norm_num_groups,
+                found.norm_num_groups,
+            ),
         ];
         for (field, e, f) in pairs {
             if e != f {
-                anyhow::bail!("config field `{field}`: the model type expects {e}, the config has {f}");
+                anyhow::bail!(
+                    "config field `{field}`: the model type expects {e}, the config has {f}"
+                );
             }
         }
         self.validate()
@@ -163,10 +173,10 @@ impl ModelConf {
         let checks: [(bool, String); 8] = [
             (self.chunk_size > 0, "chunk_size must be > 0".into()),
             (self.vocab_size > 0, "vocab_size must be > 0".into()),
-            (d.num_heads > 0 && d.z_dim % d.num_heads == 0, format!("z_dim {} must be a multiple of num_heads {}", d.z_dim, d.num_heads)),
-            (d.num_heads > 0 && d.value_dim % d.num_heads == 0, format!("value_dim {} must be a multiple of num_heads {}", d.value_dim, d.num_heads)),
-            ((d.z_dim / d.num_heads.max(1)) % 2 == 0, format!("per-head z width {} must be even (RoPE)", d.z_dim / d.num_heads.max(1))),
-            (d.norm_num_groups > 0 && d.model_dim % d.norm_num_groups == 0, format!("model_dim {} must be a multiple of norm_num_groups {}", d.model_dim, d.norm_num_groups)),
+            (d.num_heads > 0 && d.z_dim.is_multiple_of(d.num_heads), format!("z_dim {} must be a multiple of num_heads {}", d.z_dim, d.num_heads)),
+            (d.num_heads > 0 && d.value_dim.is_multiple_of(d.num_heads), format!("value_dim {} must be a multiple of num_heads {}", d.value_dim, d.num_heads)),
+            ((d.z_dim / d.num_heads.max(1)).is_multiple_of(2), format!("per-head z width {} must be even (RoPE)", d.z_dim / d.num_heads.max(1))),
+            (d.norm_num_groups > 0 && d.model_dim.is_multiple_of(d.norm_num_groups), format!("model_dim {} must be a multiple of norm_num_groups {}", d.model_dim, d.norm_num_groups)),
             (self.norm_eps > 0.0, format!("norm_eps must be > 0, found {}", self.norm_eps)),
             (self.dropout == 0.0 && self.hidden_dropout == 0.0 && self.attention_dropout == 0.0, "dropout is not implemented: dropout, hidden_dropout and attention_dropout must be 0".into()),
         ];
@@ -181,8 +191,10 @@ impl ModelConf {
     /// Reads a `config.json`; the error names the file.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let conf: Self = serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let conf: Self = serde_json::from_str(&text)
+            .with_context(|| format!("parsing config {}", path.display()))?;
         Ok(conf)
     }
 }

@@ -57,12 +57,28 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     }
     let name = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     let dir = out.join(name.trim());
-    ensure!(dir.is_dir(), "{} names {}, which does not exist", p.display(), dir.display());
+    ensure!(
+        dir.is_dir(),
+        "{} names {}, which does not exist",
+        p.display(),
+        dir.display()
+    );
     Ok(Some(dir))
 }
 
 /// One forward/backward/update on `batch`; returns the loss and the step's statistics.
-pub fn train_step<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>(
+pub fn train_step<
+    const L: usize,
+    const M: usize,
+    const Z: usize,
+    const V: usize,
+    const H: usize,
+    const F: usize,
+    const N: usize,
+    const G: usize,
+    E: Float,
+    D: Device<E>,
+>(
     model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
     opt: &mut AdamW<E, D>,
     batch: &Batch,
@@ -71,17 +87,37 @@ pub fn train_step<const L: usize, const M: usize, const Z: usize, const V: usize
     let logits = model.forward_train(&batch.tokens, batch.batch, batch.seq_len, grads)?;
     let loss = cross_entropy(logits, &batch.targets)?;
     let loss_v = loss.as_vec()[0].to_f64().unwrap_or(f64::NAN);
-    ensure!(loss_v.is_finite(), "training diverged: loss is {loss_v} at step {}", opt.step + 1);
+    ensure!(
+        loss_v.is_finite(),
+        "training diverged: loss is {loss_v} at step {}",
+        opt.step + 1
+    );
     let grads = loss.backward();
     let lr = opt.next_lr();
     let info = opt.step(model, &grads, lr)?;
-    Ok(StepLog { step: opt.step, loss: loss_v, lr, grad_norm: info.grad_norm })
+    Ok(StepLog {
+        step: opt.step,
+        loss: loss_v,
+        lr,
+        grad_norm: info.grad_norm,
+    })
 }
 
 /// Trains `model` for `conf.steps` steps on `data(step)` (1-based step numbers). Returns the
 /// per-step log of this invocation; `on_step` sees each entry as it happens.
 #[allow(clippy::too_many_arguments)]
-pub fn fit<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>(
+pub fn fit<
+    const L: usize,
+    const M: usize,
+    const Z: usize,
+    const V: usize,
+    const H: usize,
+    const F: usize,
+    const N: usize,
+    const G: usize,
+    E: Float,
+    D: Device<E>,
+>(
     model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
     optim: OptimConf,
     conf: &FitConf,
@@ -89,15 +125,20 @@ pub fn fit<const L: usize, const M: usize, const Z: usize, const V: usize, const
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<Vec<StepLog>> {
     let mut opt = AdamW::<E, D>::new(optim);
-    let mut state = TrainState { seed: conf.seed, ..TrainState::default() };
+    let mut state = TrainState {
+        seed: conf.seed,
+        ..TrainState::default()
+    };
     if let (Some(out), true) = (&conf.out, conf.resume) {
         if let Some(dir) = latest_checkpoint(out)? {
-            state = load_checkpoint(&dir, model, &mut opt).with_context(|| format!("resuming from {}", dir.display()))?;
+            state = load_checkpoint(&dir, model, &mut opt)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
         }
     }
     let mut metrics = match &conf.out {
         Some(out) => {
-            std::fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("creating run directory {}", out.display()))?;
             let path = out.join("metrics.csv");
             let fresh = !path.exists() || state.step == 0;
             let mut f = std::fs::OpenOptions::new()
@@ -108,7 +149,8 @@ pub fn fit<const L: usize, const M: usize, const Z: usize, const V: usize, const
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
             if fresh {
-                writeln!(f, "step,loss,lr,grad_norm").with_context(|| format!("writing {}", path.display()))?;
+                writeln!(f, "step,loss,lr,grad_norm")
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             Some((f, path))
         }
@@ -122,11 +164,12 @@ pub fn fit<const L: usize, const M: usize, const Z: usize, const V: usize, const
         state.tokens_seen += (batch.batch * batch.seq_len) as u64;
         state.last_loss = Some(log.loss);
         if let Some((f, path)) = &mut metrics {
-            writeln!(f, "{},{},{},{}", log.step, log.loss, log.lr, log.grad_norm).with_context(|| format!("writing {}", path.display()))?;
+            writeln!(f, "{},{},{},{}", log.step, log.loss, log.lr, log.grad_norm)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         on_step(&log);
         logs.push(log);
-        let due = conf.ckpt_every > 0 && state.step % conf.ckpt_every == 0;
+        let due = conf.ckpt_every > 0 && state.step.is_multiple_of(conf.ckpt_every);
         if let (Some(out), true) = (&conf.out, due || state.step == conf.steps) {
             checkpoint(out, model, &opt, &state)?;
         }
@@ -136,7 +179,18 @@ pub fn fit<const L: usize, const M: usize, const Z: usize, const V: usize, const
 
 /// Writes a complete checkpoint into `out/ckpt-<step>/`, publishes it in `out/latest`, and
 /// removes older checkpoint directories.
-pub fn checkpoint<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>(
+pub fn checkpoint<
+    const L: usize,
+    const M: usize,
+    const Z: usize,
+    const V: usize,
+    const H: usize,
+    const F: usize,
+    const N: usize,
+    const G: usize,
+    E: Float,
+    D: Device<E>,
+>(
     out: &Path,
     model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
     opt: &AdamW<E, D>,
@@ -151,7 +205,8 @@ pub fn checkpoint<const L: usize, const M: usize, const Z: usize, const V: usize
         let entry = entry.with_context(|| format!("listing {}", out.display()))?;
         let fname = entry.file_name().to_string_lossy().to_string();
         if fname.starts_with("ckpt-") && fname != name {
-            std::fs::remove_dir_all(entry.path()).with_context(|| format!("removing old checkpoint {}", entry.path().display()))?;
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing old checkpoint {}", entry.path().display()))?;
         }
     }
     Ok(())

@@ -22,19 +22,29 @@ impl Golden {
     /// Reads and parses a golden JSON file; errors name the file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading golden file {}", path.display()))?;
-        let root: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading golden file {}", path.display()))?;
+        let root: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         if !root.is_object() {
-            bail!("{}: expected a JSON object at the top level", path.display());
+            bail!(
+                "{}: expected a JSON object at the top level",
+                path.display()
+            );
         }
-        Ok(Self { root, path: path.display().to_string() })
+        Ok(Self {
+            root,
+            path: path.display().to_string(),
+        })
     }
 
     /// Looks up a value by a path of keys (keys may themselves contain dots, so the path is a slice).
     pub fn value(&self, keys: &[&str]) -> Result<&Value> {
         let mut v = &self.root;
         for (i, k) in keys.iter().enumerate() {
-            v = v.get(*k).with_context(|| format!("{}: missing key `{}`", self.path, keys[..=i].join("/")))?;
+            v = v.get(*k).with_context(|| {
+                format!("{}: missing key `{}`", self.path, keys[..=i].join("/"))
+            })?;
         }
         Ok(v)
     }
@@ -49,7 +59,13 @@ impl Golden {
     pub fn tensor_shaped(&self, keys: &[&str], shape: &[usize]) -> Result<GTensor> {
         let t = self.tensor(keys)?;
         if t.shape != shape {
-            bail!("{}: tensor `{}` has shape {:?}, expected {:?}", self.path, keys.join("/"), t.shape, shape);
+            bail!(
+                "{}: tensor `{}` has shape {:?}, expected {:?}",
+                self.path,
+                keys.join("/"),
+                t.shape,
+                shape
+            );
         }
         Ok(t)
     }
@@ -61,15 +77,23 @@ impl Golden {
 
     /// Reads a plain number.
     pub fn number(&self, keys: &[&str]) -> Result<f64> {
-        self.value(keys)?.as_f64().with_context(|| format!("{}: `{}` is not a number", self.path, keys.join("/")))
+        self.value(keys)?
+            .as_f64()
+            .with_context(|| format!("{}: `{}` is not a number", self.path, keys.join("/")))
     }
 
     /// Reads a list of non-negative integers (e.g. `incremental_split`).
     pub fn usizes(&self, keys: &[&str]) -> Result<Vec<usize>> {
         let v = self.value(keys)?;
-        let arr = v.as_array().with_context(|| format!("{}: `{}` is not a list", self.path, keys.join("/")))?;
+        let arr = v
+            .as_array()
+            .with_context(|| format!("{}: `{}` is not a list", self.path, keys.join("/")))?;
         arr.iter()
-            .map(|x| x.as_u64().map(|u| u as usize).with_context(|| format!("{}: `{}` holds a non-integer", self.path, keys.join("/"))))
+            .map(|x| {
+                x.as_u64().map(|u| u as usize).with_context(|| {
+                    format!("{}: `{}` holds a non-integer", self.path, keys.join("/"))
+                })
+            })
             .collect()
     }
 }
@@ -81,14 +105,23 @@ pub fn parse_tensor(v: &Value) -> Result<GTensor> {
         .and_then(|s| s.as_array())
         .context("missing `shape` list")?
         .iter()
-        .map(|x| x.as_u64().map(|u| u as usize).context("non-integer in `shape`"))
+        .map(|x| {
+            x.as_u64()
+                .map(|u| u as usize)
+                .context("non-integer in `shape`")
+        })
         .collect::<Result<_>>()?;
     let data_v = v.get("data").context("missing `data`")?;
     let mut data = Vec::new();
     flatten(data_v, &mut data)?;
     let n: usize = shape.iter().product();
     if data.len() != n {
-        bail!("shape {:?} needs {} values, `data` has {}", shape, n, data.len());
+        bail!(
+            "shape {:?} needs {} values, `data` has {}",
+            shape,
+            n,
+            data.len()
+        );
     }
     Ok(GTensor { shape, data })
 }
@@ -110,19 +143,30 @@ fn flatten(v: &Value, out: &mut Vec<f64>) -> Result<()> {
 /// Maximum absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 impl GTensor {
     /// Uploads the values to a device tensor of the given shape (element counts must agree).
-    pub fn to_dev<S: dfdx::shapes::Shape, E: dfdx::shapes::Dtype, D: dfdx::tensor_ops::Device<E>>(
+    pub fn to_dev<
+        S: dfdx::shapes::Shape,
+        E: dfdx::shapes::Dtype,
+        D: dfdx::tensor_ops::Device<E>,
+    >(
         &self,
         dev: &D,
         shape: S,
     ) -> Result<dfdx::tensor::Tensor<S, E, D>> {
         let n = shape.num_elements();
         if n != self.data.len() {
-            bail!("golden tensor of shape {:?} cannot fill a tensor of {} elements", self.shape, n);
+            bail!(
+                "golden tensor of shape {:?} cannot fill a tensor of {} elements",
+                self.shape,
+                n
+            );
         }
         let v: Vec<E> = self.data.iter().map(|&x| crate::util::c::<E>(x)).collect();
         Ok(dev.tensor_from_vec(v, shape))
@@ -141,20 +185,37 @@ where
         g: &'a Golden,
         root: Vec<String>,
     }
-    impl<E: crate::util::Float, D: dfdx::tensor_ops::Device<E>> crate::params::ParamVisitor<E, D> for Loader<'_> {
-        fn visit<S: dfdx::shapes::Shape>(&mut self, name: &str, t: &mut dfdx::tensor::Tensor<S, E, D>) -> Result<()> {
+    impl<E: crate::util::Float, D: dfdx::tensor_ops::Device<E>> crate::params::ParamVisitor<E, D>
+        for Loader<'_>
+    {
+        fn visit<S: dfdx::shapes::Shape>(
+            &mut self,
+            name: &str,
+            t: &mut dfdx::tensor::Tensor<S, E, D>,
+        ) -> Result<()> {
             let mut keys: Vec<&str> = self.root.iter().map(|s| s.as_str()).collect();
             keys.push(name);
             let gt = self.g.tensor(&keys)?;
             use dfdx::shapes::HasShape;
             let want: Vec<usize> = t.shape().concrete().into();
             if gt.shape != want {
-                bail!("{}: parameter `{name}` has shape {:?} in the file, the model expects {:?}", self.g.path, gt.shape, want);
+                bail!(
+                    "{}: parameter `{name}` has shape {:?} in the file, the model expects {:?}",
+                    self.g.path,
+                    gt.shape,
+                    want
+                );
             }
             let v: Vec<E> = gt.data.iter().map(|&x| crate::util::c::<E>(x)).collect();
             t.copy_from(&v);
             Ok(())
         }
     }
-    model.visit_params("", &mut Loader { g, root: root.iter().map(|s| s.to_string()).collect() })
+    model.visit_params(
+        "",
+        &mut Loader {
+            g,
+            root: root.iter().map(|s| s.to_string()).collect(),
+        },
+    )
 }

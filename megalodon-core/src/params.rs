@@ -17,7 +17,11 @@ pub trait ParamVisitor<E: Dtype, D: Device<E>> {
 /// A module whose parameters can be visited by name.
 pub trait Params<E: Dtype, D: Device<E>> {
     /// Visit every parameter; `prefix` is prepended (with a dot) to each local name.
-    fn visit_params<V: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut V) -> anyhow::Result<()>;
+    fn visit_params<V: ParamVisitor<E, D>>(
+        &mut self,
+        prefix: &str,
+        v: &mut V,
+    ) -> anyhow::Result<()>;
 
     /// Total number of scalar parameters.
     fn num_params(&mut self) -> usize {

@@ -44,9 +44,17 @@ pub fn official(name: &str) -> Option<ModelConf> {
     Some(match name {
         "mega200M" => base(12, 1024, 1, 256, 2048, 2560, 32),
         "mega1.3B" => base(24, 2048, 2, 512, 4096, 4864, 64),
-        "mega1.3B_pg19" => ModelConf { swiglu: true, scale_emb: true, share_emb: true, ..base(24, 2048, 2, 512, 4096, 3584, 64) },
+        "mega1.3B_pg19" => ModelConf {
+            swiglu: true,
+            scale_emb: true,
+            share_emb: true,
+            ..base(24, 2048, 2, 512, 4096, 3584, 64)
+        },
         "mega7.1B" => base(32, 4096, 4, 1024, 8192, 11264, 64),
-        "mega7.3B" => ModelConf { swiglu: true, ..base(32, 4096, 4, 1024, 8192, 8192, 64) },
+        "mega7.3B" => ModelConf {
+            swiglu: true,
+            ..base(32, 4096, 4, 1024, 8192, 8192, 64)
+        },
         _ => return None,
     })
 }

@@ -26,7 +26,8 @@ impl CopyTask {
 
     /// The batch for `step` (deterministic in seed and step).
     pub fn batch(&self, step: u64) -> Batch {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let (t, k) = (self.seq_len, self.k);
         assert!(t > 2 * k + 1, "copy task: seq_len must exceed 2k + 1");
         let mut tokens = Vec::with_capacity(self.batch * t);
@@ -46,6 +47,11 @@ impl CopyTask {
             tokens.extend(row);
             targets.extend(tg);
         }
-        Batch { tokens, targets, batch: self.batch, seq_len: t }
+        Batch {
+            tokens,
+            targets,
+            batch: self.batch,
+            seq_len: t,
+        }
     }
 }

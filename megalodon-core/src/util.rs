@@ -16,5 +16,8 @@ pub fn c<E: Dtype>(x: f64) -> E {
 
 /// A tensor's values as f64 on the host.
 pub fn to_f64<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, T>) -> Vec<f64> {
-    t.as_vec().into_iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect()
+    t.as_vec()
+        .into_iter()
+        .map(|x| x.to_f64().unwrap_or(f64::NAN))
+        .collect()
 }

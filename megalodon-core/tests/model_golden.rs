@@ -12,7 +12,11 @@ use megalodon_core::{ModelConf, ParamVisitor, Params};
 use std::collections::BTreeMap;
 
 fn fixture(name: &str) -> Golden {
-    Golden::load(format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    Golden::load(format!(
+        "{}/../tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 fn conf_from(g: &Golden) -> ModelConf {
@@ -28,18 +32,30 @@ fn tiny_from(g: &Golden) -> Tiny<f32, Cpu> {
 
 fn tokens(g: &Golden) -> (Vec<usize>, usize, usize) {
     let t = g.tensor(&["tokens"]).unwrap();
-    (t.data.iter().map(|&x| x as usize).collect(), t.shape[0], t.shape[1])
+    (
+        t.data.iter().map(|&x| x as usize).collect(),
+        t.shape[0],
+        t.shape[1],
+    )
 }
 
 /// Runs the model in the calls of `split` (lengths), concatenating logits along time.
-fn incremental(m: &Tiny<f32, Cpu>, toks: &[usize], b: usize, t: usize, split: &[usize]) -> (Vec<f64>, usize) {
+fn incremental(
+    m: &Tiny<f32, Cpu>,
+    toks: &[usize],
+    b: usize,
+    t: usize,
+    split: &[usize],
+) -> (Vec<f64>, usize) {
     let mut state = m.new_state(b);
     let v = m.vocab_size();
     let total: usize = split.iter().sum();
     let mut out = vec![0.0; b * total * v];
     let mut pos = 0;
     for &n in split {
-        let chunk: Vec<usize> = (0..b).flat_map(|bi| toks[bi * t + pos..bi * t + pos + n].to_vec()).collect();
+        let chunk: Vec<usize> = (0..b)
+            .flat_map(|bi| toks[bi * t + pos..bi * t + pos + n].to_vec())
+            .collect();
         let l = to_f64(&m.forward_stream(&chunk, b, n, &mut state).unwrap());
         for bi in 0..b {
             for i in 0..n {
@@ -88,18 +104,31 @@ fn final_streaming_state_matches_official_cache() {
     let split = g.usizes(&["incremental_split"]).unwrap();
     let mut pos = 0;
     for &n in &split {
-        let chunk: Vec<usize> = (0..b).flat_map(|bi| toks[bi * t + pos..bi * t + pos + n].to_vec()).collect();
+        let chunk: Vec<usize> = (0..b)
+            .flat_map(|bi| toks[bi * t + pos..bi * t + pos + n].to_vec())
+            .collect();
         m.forward_stream(&chunk, b, n, &mut state).unwrap();
         pos += n;
     }
-    let layers = g.value(&["final_cache", "layers"]).unwrap().as_array().unwrap().clone();
+    let layers = g
+        .value(&["final_cache", "layers"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone();
     for (i, lv) in layers.iter().enumerate() {
         let ls = &state.layers[i];
         let get = |k: &str| megalodon_core::golden::parse_tensor(&lv[k]).unwrap().data;
         let count: Vec<usize> = get("norm_count").iter().map(|&x| x as usize).collect();
         assert_eq!(ls.norm.count, count, "layer {i} norm count");
-        assert!(max_abs_diff(&to_f64(&ls.norm.mean), &get("norm_mean")) < 1e-5, "layer {i} norm mean");
-        assert!(max_abs_diff(&to_f64(&ls.norm.var), &get("norm_var")) < 1e-5, "layer {i} norm var");
+        assert!(
+            max_abs_diff(&to_f64(&ls.norm.mean), &get("norm_mean")) < 1e-5,
+            "layer {i} norm mean"
+        );
+        assert!(
+            max_abs_diff(&to_f64(&ls.norm.var), &get("norm_var")) < 1e-5,
+            "layer {i} norm var"
+        );
         let h = ls.cema.as_ref().expect("cema state after decoding");
         let (re, im) = (to_f64(&h.re), to_f64(&h.im));
         let gh = get("cema_h");
@@ -107,9 +136,16 @@ fn final_streaming_state_matches_official_cache() {
         let d = max_abs_diff(&ours, &gh);
         assert!(d < 1e-4, "layer {i} cema state differs by {d}");
         let kv_count = lv["kv_count"].as_u64().unwrap() as usize;
-        assert_eq!(ls.kv.as_ref().map(|k| k.len()).unwrap_or(0), kv_count, "layer {i} kv count");
+        assert_eq!(
+            ls.kv.as_ref().map(|k| k.len()).unwrap_or(0),
+            kv_count,
+            "layer {i} kv count"
+        );
     }
-    let on = g.tensor(&["final_cache", "output_norm", "norm_var"]).unwrap().data;
+    let on = g
+        .tensor(&["final_cache", "output_norm", "norm_var"])
+        .unwrap()
+        .data;
     assert!(max_abs_diff(&to_f64(&state.final_norm.var), &on) < 1e-5);
 }
 
@@ -119,7 +155,8 @@ struct GradGrab<'a> {
 }
 impl ParamVisitor<f32, Cpu> for GradGrab<'_> {
     fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, f32, Cpu>) -> anyhow::Result<()> {
-        self.out.insert(name.to_string(), to_f64(&self.grads.get(&*t)));
+        self.out
+            .insert(name.to_string(), to_f64(&self.grads.get(&*t)));
         Ok(())
     }
 }
@@ -131,12 +168,22 @@ fn rel(a: &[f64], b: &[f64]) -> f64 {
 fn check_probe(g: &Golden, root: &[&str], probe: &Probe) {
     let mut keys: Vec<&str> = root.to_vec();
     keys.push("intermediates");
-    let names: Vec<String> = g.value(&keys).unwrap().as_object().unwrap().keys().cloned().collect();
+    let names: Vec<String> = g
+        .value(&keys)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     for name in names {
         let mut k = keys.clone();
         k.push(&name);
         let exp = g.tensor(&k).unwrap().data;
-        let got = probe.0.get(&name).unwrap_or_else(|| panic!("intermediate {name} not captured"));
+        let got = probe
+            .0
+            .get(&name)
+            .unwrap_or_else(|| panic!("intermediate {name} not captured"));
         let d = max_abs_diff(got, &exp);
         assert!(d < 1e-4, "intermediate {name} differs by {d}");
     }
@@ -146,13 +193,22 @@ fn check_grads(g: &Golden, root: &[&str], x_grad: Vec<f64>, mut grads: BTreeMap<
     let mut keys: Vec<&str> = root.to_vec();
     keys.push("grads");
     grads.insert("x".into(), x_grad);
-    let names: Vec<String> = g.value(&keys).unwrap().as_object().unwrap().keys().cloned().collect();
+    let names: Vec<String> = g
+        .value(&keys)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     assert!(names.len() > 10);
     for name in names {
         let mut k = keys.clone();
         k.push(&name);
         let exp = g.tensor(&k).unwrap().data;
-        let got = grads.get(&name).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let got = grads
+            .get(&name)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let e = rel(got, &exp);
         assert!(e < 2e-4, "gradient {name}: relative error {e}");
     }
@@ -163,20 +219,34 @@ type Block16 = MegaBlock<16, 8, 16, 2, 24, 4, 2, f32, Cpu>;
 fn check_block(variant: &str) {
     let g = fixture("block.json");
     let dev: Cpu = Default::default();
-    let mut conf: ModelConf = serde_json::from_value(g.value(&["config"]).unwrap().clone()).unwrap();
+    let mut conf: ModelConf =
+        serde_json::from_value(g.value(&["config"]).unwrap().clone()).unwrap();
     conf.swiglu = variant == "swiglu";
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
     let mut block = Block16::new(&dev, &mut rng, &conf, 0);
     load_params(&mut block, &g, &[variant, "params"]).unwrap();
-    let x: Tensor<(usize, usize, Const<16>), f32, _> = g.tensor(&["x"]).unwrap().to_dev(&dev, (2, 24, Const)).unwrap();
-    let gy: Tensor<(usize, usize, Const<16>), f32, _> = g.tensor(&["g"]).unwrap().to_dev(&dev, (2, 24, Const)).unwrap();
+    let x: Tensor<(usize, usize, Const<16>), f32, _> = g
+        .tensor(&["x"])
+        .unwrap()
+        .to_dev(&dev, (2, 24, Const))
+        .unwrap();
+    let gy: Tensor<(usize, usize, Const<16>), f32, _> = g
+        .tensor(&["g"])
+        .unwrap()
+        .to_dev(&dev, (2, 24, Const))
+        .unwrap();
     let mut probe = Probe::default();
-    let out = block.forward(x.leaky_trace(), 8, None, Some(&mut probe)).unwrap();
+    let out = block
+        .forward(x.leaky_trace(), 8, None, Some(&mut probe))
+        .unwrap();
     let d = max_abs_diff(&to_f64(&out), &g.tensor(&[variant, "out"]).unwrap().data);
     assert!(d < 1e-4, "{variant}: block output differs by {d}");
     check_probe(&g, &[variant], &probe);
     let grads = (out * gy).sum().backward();
-    let mut grab = GradGrab { grads: &grads, out: BTreeMap::new() };
+    let mut grab = GradGrab {
+        grads: &grads,
+        out: BTreeMap::new(),
+    };
     block.visit_params("", &mut grab).unwrap();
     check_grads(&g, &[variant], to_f64(&grads.get(&x)), grab.out);
 }
@@ -196,18 +266,38 @@ fn attention_unit_matches_official_outputs_and_gradients() {
     let g = fixture("attention.json");
     let dev: Cpu = Default::default();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-    let mut att = MovingAverageGatedAttention::<16, 8, 16, 2, 4, 2, f32, Cpu>::new(&dev, &mut rng, 1e-5, 10000.0);
+    let mut att = MovingAverageGatedAttention::<16, 8, 16, 2, 4, 2, f32, Cpu>::new(
+        &dev, &mut rng, 1e-5, 10000.0,
+    );
     load_params(&mut att, &g, &["params"]).unwrap();
     let rf = g.tensor(&["rope_freqs"]).unwrap().data;
-    assert!(max_abs_diff(&att.rope.freqs.iter().map(|&x| x as f64).collect::<Vec<_>>(), &rf) < 1e-7);
-    let x: Tensor<(usize, usize, Const<16>), f32, _> = g.tensor(&["x"]).unwrap().to_dev(&dev, (2, 24, Const)).unwrap();
-    let gy: Tensor<(usize, usize, Const<16>), f32, _> = g.tensor(&["g"]).unwrap().to_dev(&dev, (2, 24, Const)).unwrap();
+    assert!(
+        max_abs_diff(
+            &att.rope.freqs.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            &rf
+        ) < 1e-7
+    );
+    let x: Tensor<(usize, usize, Const<16>), f32, _> = g
+        .tensor(&["x"])
+        .unwrap()
+        .to_dev(&dev, (2, 24, Const))
+        .unwrap();
+    let gy: Tensor<(usize, usize, Const<16>), f32, _> = g
+        .tensor(&["g"])
+        .unwrap()
+        .to_dev(&dev, (2, 24, Const))
+        .unwrap();
     let mut probe = Probe::default();
-    let out = att.forward(x.leaky_trace(), 8, None, Some(&mut probe)).unwrap();
+    let out = att
+        .forward(x.leaky_trace(), 8, None, Some(&mut probe))
+        .unwrap();
     assert!(max_abs_diff(&to_f64(&out), &g.tensor(&["out"]).unwrap().data) < 1e-4);
     check_probe(&g, &[], &probe);
     let grads = (out * gy).sum().backward();
-    let mut grab = GradGrab { grads: &grads, out: BTreeMap::new() };
+    let mut grab = GradGrab {
+        grads: &grads,
+        out: BTreeMap::new(),
+    };
     att.visit_params("", &mut grab).unwrap();
     check_grads(&g, &[], to_f64(&grads.get(&x)), grab.out);
 }
@@ -221,7 +311,13 @@ fn streaming_in_any_split_equals_one_call() {
     let (b, t) = (2, 41);
     let toks: Vec<usize> = (0..b * t).map(|i| (i * 7 + 3) % 50).collect();
     let full = to_f64(&m.forward(&toks, b, t).unwrap());
-    for split in [vec![41], vec![1; 41], vec![3, 10, 1, 1, 17, 9], vec![8, 8, 8, 8, 9], vec![13, 28]] {
+    for split in [
+        vec![41],
+        vec![1; 41],
+        vec![3, 10, 1, 1, 17, 9],
+        vec![8, 8, 8, 8, 9],
+        vec![13, 28],
+    ] {
         let (inc, _) = incremental(&m, &toks, b, t, &split);
         let d = max_abs_diff(&inc, &full);
         assert!(d < 2e-5, "split {split:?}: max diff {d}");
@@ -240,6 +336,9 @@ fn streaming_state_memory_is_constant() {
             sizes.push(state.bytes());
         }
     }
-    assert!(sizes.windows(2).all(|w| w[0] == w[1]), "state size changed: {sizes:?}");
+    assert!(
+        sizes.windows(2).all(|w| w[0] == w[1]),
+        "state size changed: {sizes:?}"
+    );
     let _ = LayerState::<32, 2, 4, 4, f32, Cpu>::new(&Cpu::default(), 1);
 }

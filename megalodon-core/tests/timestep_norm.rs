@@ -7,7 +7,11 @@ use megalodon_core::nn::timestep_norm::{NormState, TimestepNorm};
 use megalodon_core::util::to_f64;
 
 fn fixture() -> Golden {
-    Golden::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/timestep_norm.json")).unwrap()
+    Golden::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/timestep_norm.json"
+    ))
+    .unwrap()
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
@@ -20,32 +24,91 @@ fn run_case(case: &str, with_state: bool, with_mask: bool, state_loss: bool) {
     let dev: Cpu = Default::default();
     let (b, t) = (2usize, 20usize);
     let mut tn = TimestepNorm::<8, 2, f32, Cpu>::new(&dev, 1e-5);
-    tn.weight = g.tensor(&["params", "weight"]).unwrap().to_dev(&dev, Rank1::<8>::default()).unwrap();
-    tn.bias = g.tensor(&["params", "bias"]).unwrap().to_dev(&dev, Rank1::<8>::default()).unwrap();
-    let x: Tensor<(usize, usize, Const<8>), f32, _> = g.tensor(&["x"]).unwrap().to_dev(&dev, (b, t, Const)).unwrap();
-    let gy: Tensor<(usize, usize, Const<8>), f32, _> = g.tensor(&["g"]).unwrap().to_dev(&dev, (b, t, Const)).unwrap();
-    let mean0: Tensor<(usize, Const<2>), f32, _> = g.tensor(&["prev_mean"]).unwrap().to_dev(&dev, (b, Const)).unwrap();
-    let var0: Tensor<(usize, Const<2>), f32, _> = g.tensor(&["prev_var"]).unwrap().to_dev(&dev, (b, Const)).unwrap();
-    let count0: Vec<usize> = g.tensor(&["prev_count"]).unwrap().data.iter().map(|&v| v as usize).collect();
-    let mask: Vec<bool> = g.tensor(&["padding_mask"]).unwrap().data.iter().map(|&v| v != 0.0).collect();
+    tn.weight = g
+        .tensor(&["params", "weight"])
+        .unwrap()
+        .to_dev(&dev, Rank1::<8>::default())
+        .unwrap();
+    tn.bias = g
+        .tensor(&["params", "bias"])
+        .unwrap()
+        .to_dev(&dev, Rank1::<8>::default())
+        .unwrap();
+    let x: Tensor<(usize, usize, Const<8>), f32, _> = g
+        .tensor(&["x"])
+        .unwrap()
+        .to_dev(&dev, (b, t, Const))
+        .unwrap();
+    let gy: Tensor<(usize, usize, Const<8>), f32, _> = g
+        .tensor(&["g"])
+        .unwrap()
+        .to_dev(&dev, (b, t, Const))
+        .unwrap();
+    let mean0: Tensor<(usize, Const<2>), f32, _> = g
+        .tensor(&["prev_mean"])
+        .unwrap()
+        .to_dev(&dev, (b, Const))
+        .unwrap();
+    let var0: Tensor<(usize, Const<2>), f32, _> = g
+        .tensor(&["prev_var"])
+        .unwrap()
+        .to_dev(&dev, (b, Const))
+        .unwrap();
+    let count0: Vec<usize> = g
+        .tensor(&["prev_count"])
+        .unwrap()
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let mask: Vec<bool> = g
+        .tensor(&["padding_mask"])
+        .unwrap()
+        .data
+        .iter()
+        .map(|&v| v != 0.0)
+        .collect();
 
     let xt = x.leaky_trace();
-    let state = with_state.then(|| NormState { count: count0.clone(), mean: mean0.retaped::<OwnedTape<f32, Cpu>>(), var: var0.retaped() });
-    let (y, st) = tn.try_forward(xt, state, with_mask.then_some(&mask[..])).unwrap();
+    let state = with_state.then(|| NormState {
+        count: count0.clone(),
+        mean: mean0.retaped::<OwnedTape<f32, Cpu>>(),
+        var: var0.retaped(),
+    });
+    let (y, st) = tn
+        .try_forward(xt, state, with_mask.then_some(&mask[..]))
+        .unwrap();
     let yv = to_f64(&y);
     let exp_y = g.tensor(&["cases", case, "y"]).unwrap().data;
     let dy = max_abs_diff(&yv, &exp_y);
     assert!(dy < 1e-5, "{case}: y max diff {dy}");
-    let exp_count: Vec<usize> = g.tensor(&["cases", case, "count"]).unwrap().data.iter().map(|&v| v as usize).collect();
+    let exp_count: Vec<usize> = g
+        .tensor(&["cases", case, "count"])
+        .unwrap()
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
     assert_eq!(st.count, exp_count, "{case}: count");
-    let dm = max_abs_diff(&to_f64(&st.mean), &g.tensor(&["cases", case, "mean"]).unwrap().data);
-    let dv = max_abs_diff(&to_f64(&st.var), &g.tensor(&["cases", case, "var"]).unwrap().data);
-    assert!(dm < 1e-5 && dv < 1e-5, "{case}: state diffs mean {dm} var {dv}");
+    let dm = max_abs_diff(
+        &to_f64(&st.mean),
+        &g.tensor(&["cases", case, "mean"]).unwrap().data,
+    );
+    let dv = max_abs_diff(
+        &to_f64(&st.var),
+        &g.tensor(&["cases", case, "var"]).unwrap().data,
+    );
+    assert!(
+        dm < 1e-5 && dv < 1e-5,
+        "{case}: state diffs mean {dm} var {dv}"
+    );
 
     let mut loss = (y * gy).sum();
     if state_loss {
-        let gm: Tensor<(usize, Const<2>), f32, _> = g.tensor(&["gm"]).unwrap().to_dev(&dev, (b, Const)).unwrap();
-        let gv: Tensor<(usize, Const<2>), f32, _> = g.tensor(&["gv"]).unwrap().to_dev(&dev, (b, Const)).unwrap();
+        let gm: Tensor<(usize, Const<2>), f32, _> =
+            g.tensor(&["gm"]).unwrap().to_dev(&dev, (b, Const)).unwrap();
+        let gv: Tensor<(usize, Const<2>), f32, _> =
+            g.tensor(&["gv"]).unwrap().to_dev(&dev, (b, Const)).unwrap();
         loss = loss + (st.mean * gm).sum() + (st.var * gv).sum();
     }
     let grads = loss.backward();
@@ -91,7 +154,9 @@ fn golden_padding_mask_with_state() {
 }
 
 fn take_steps(v: &[f64], b: usize, t: usize, from: usize, to: usize) -> Vec<f64> {
-    (0..b).flat_map(|bi| v[(bi * t + from) * 8..(bi * t + to) * 8].to_vec()).collect()
+    (0..b)
+        .flat_map(|bi| v[(bi * t + from) * 8..(bi * t + to) * 8].to_vec())
+        .collect()
 }
 
 #[test]

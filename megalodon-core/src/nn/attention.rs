@@ -14,14 +14,19 @@ use rand::Rng;
 use std::collections::BTreeMap;
 
 /// `(B, T, H, d)`: per-head tensors with a run-time head width.
-pub type Heads<const H: usize, E, D, T = NoneTape> = Tensor<(usize, usize, Const<H>, usize), E, D, T>;
+pub type Heads<const H: usize, E, D, T = NoneTape> =
+    Tensor<(usize, usize, Const<H>, usize), E, D, T>;
 
 /// Named intermediate values captured during a forward pass (for parity tests and debugging).
 #[derive(Default, Debug, Clone)]
 pub struct Probe(pub BTreeMap<String, Vec<f64>>);
 
 impl Probe {
-    fn put<S: Shape, E: Dtype, D: Device<E>, T>(probe: &mut Option<&mut Probe>, name: &str, t: &Tensor<S, E, D, T>) {
+    fn put<S: Shape, E: Dtype, D: Device<E>, T>(
+        probe: &mut Option<&mut Probe>,
+        name: &str,
+        t: &Tensor<S, E, D, T>,
+    ) {
         if let Some(p) = probe.as_deref_mut() {
             p.0.insert(name.to_string(), to_f64(t));
         }
@@ -37,7 +42,9 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(dz: usize, base: f64) -> Self {
-        let freqs = (0..dz / 2).map(|j| (1.0 / base.powf((2 * j) as f64 / dz as f64)) as f32).collect();
+        let freqs = (0..dz / 2)
+            .map(|j| (1.0 / base.powf((2 * j) as f64 / dz as f64)) as f32)
+            .collect();
         Self { freqs }
     }
 
@@ -61,7 +68,11 @@ impl Rope {
     }
 
     /// Rotates `x (B, T, H, dz)`; `positions` has length T (within-chunk positions).
-    pub fn apply<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(&self, x: Heads<H, E, D, T>, positions: &[usize]) -> Heads<H, E, D, T> {
+    pub fn apply<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
+        &self,
+        x: Heads<H, E, D, T>,
+        positions: &[usize],
+    ) -> Heads<H, E, D, T> {
         let (b, t, _, dz) = *x.shape();
         let dev = x.device().clone();
         let (cs, sn) = self.tables::<E>(positions);
@@ -75,8 +86,13 @@ impl Rope {
         }
         let p: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(p, (dz, dz));
         let shape = (b, t, Const::<H>, dz);
-        let swapped = x.retaped::<T>().reshape_like(&(b * t, Const::<H>, dz)).matmul(p).reshape_like(&shape);
-        x * cs.broadcast_like::<_, Axes2<0, 2>>(&shape) + swapped * sn.broadcast_like::<_, Axes2<0, 2>>(&shape)
+        let swapped = x
+            .retaped::<T>()
+            .reshape_like(&(b * t, Const::<H>, dz))
+            .matmul(p)
+            .reshape_like(&shape);
+        x * cs.broadcast_like::<_, Axes2<0, 2>>(&shape)
+            + swapped * sn.broadcast_like::<_, Axes2<0, 2>>(&shape)
     }
 }
 
@@ -88,7 +104,10 @@ pub struct KvCache<const H: usize, E: Dtype, D: Device<E>> {
 
 impl<const H: usize, E: Dtype, D: Device<E>> Clone for KvCache<H, E, D> {
     fn clone(&self) -> Self {
-        Self { k: self.k.clone(), v: self.v.clone() }
+        Self {
+            k: self.k.clone(),
+            v: self.v.clone(),
+        }
     }
 }
 
@@ -103,7 +122,11 @@ impl<const H: usize, E: Dtype, D: Device<E>> KvCache<H, E, D> {
 }
 
 /// Zero-pads `x (B, L, H, d)` along time with `front` and `back` steps.
-fn pad_time<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(x: Heads<H, E, D, T>, front: usize, back: usize) -> Heads<H, E, D, T> {
+fn pad_time<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
+    x: Heads<H, E, D, T>,
+    front: usize,
+    back: usize,
+) -> Heads<H, E, D, T> {
     let (b, _, _, d) = *x.shape();
     let dev = x.device().clone();
     let mut x = x;
@@ -152,11 +175,22 @@ pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
     let dv = v.shape().3;
     ensure!(chunk > 0, "chunk_size must be > 0");
     ensure!(t > 0, "attention over an empty sequence");
-    ensure!(k.shape() == q.shape() && v.shape().0 == b && v.shape().1 == t, "attention: q, k, v shapes disagree");
+    ensure!(
+        k.shape() == q.shape() && v.shape().0 == b && v.shape().1 == t,
+        "attention: q, k, v shapes disagree"
+    );
     let cl = cache.map(|c| c.len()).unwrap_or(0);
-    ensure!(cl < chunk, "KV cache holds {cl} positions, more than chunk_size - 1 = {}", chunk - 1);
+    ensure!(
+        cl < chunk,
+        "KV cache holds {cl} positions, more than chunk_size - 1 = {}",
+        chunk - 1
+    );
     if let Some(cc) = cache {
-        ensure!(cc.k.shape().0 == b, "KV cache batch {} differs from input batch {b}", cc.k.shape().0);
+        ensure!(
+            cc.k.shape().0 == b,
+            "KV cache batch {} differs from input batch {b}",
+            cc.k.shape().0
+        );
     }
     let dev = q.device().clone();
     let positions: Vec<usize> = (cl..cl + t).map(|p| p % chunk).collect();
@@ -177,7 +211,10 @@ pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
     } else {
         let kk = k_all.retaped::<NoneTape>().slice((.., l - rem..l, .., ..));
         let vv = v_all.retaped::<NoneTape>().slice((.., l - rem..l, .., ..));
-        Some(KvCache { k: kk.reshape_like(&(b, rem, Const::<H>, dz)), v: vv.reshape_like(&(b, rem, Const::<H>, dv)) })
+        Some(KvCache {
+            k: kk.reshape_like(&(b, rem, Const::<H>, dz)),
+            v: vv.reshape_like(&(b, rem, Const::<H>, dv)),
+        })
     };
 
     if l <= chunk {
@@ -222,8 +259,12 @@ pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
         }
     }
     let bn = b * nc;
-    let q4 = q_all.reshape_like(&(bn, chunk, Const::<H>, dz)).permute::<_, Axes4<0, 2, 1, 3>>();
-    let k4 = k_all.reshape_like(&(bn, chunk, Const::<H>, dz)).permute::<_, Axes4<0, 2, 3, 1>>();
+    let q4 = q_all
+        .reshape_like(&(bn, chunk, Const::<H>, dz))
+        .permute::<_, Axes4<0, 2, 1, 3>>();
+    let k4 = k_all
+        .reshape_like(&(bn, chunk, Const::<H>, dz))
+        .permute::<_, Axes4<0, 2, 3, 1>>();
     let s = q4.matmul(k4); // (B*nc, H, C, C)
     let shape = *s.shape();
     let s = if masking == Masking::Full && lp > l {
@@ -241,14 +282,28 @@ pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
         s + mask.broadcast_like::<_, Axes2<0, 1>>(&shape)
     };
     let p = s.softmax::<Axis<3>>();
-    let v4 = v_all.reshape_like(&(bn, chunk, Const::<H>, dv)).permute::<_, Axes4<0, 2, 1, 3>>();
-    let a = p.matmul(v4).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, lp, Const::<H>, dv));
-    let a = a.slice((.., cl..cl + t, .., ..)).reshape_like(&(b, t, Const::<H>, dv));
+    let v4 = v_all
+        .reshape_like(&(bn, chunk, Const::<H>, dv))
+        .permute::<_, Axes4<0, 2, 1, 3>>();
+    let a = p
+        .matmul(v4)
+        .permute::<_, Axes4<0, 2, 1, 3>>()
+        .reshape_like(&(b, lp, Const::<H>, dv));
+    let a = a
+        .slice((.., cl..cl + t, .., ..))
+        .reshape_like(&(b, t, Const::<H>, dv));
     Ok((a, new_cache))
 }
 
 /// Streaming state of one layer (official cache `((K, V, count), (n, mean, var), h)`).
-pub struct LayerState<const M: usize, const H: usize, const N: usize, const G: usize, E: Dtype, D: Device<E>> {
+pub struct LayerState<
+    const M: usize,
+    const H: usize,
+    const N: usize,
+    const G: usize,
+    E: Dtype,
+    D: Device<E>,
+> {
     pub norm: NormState<G, E, D>,
     /// CEMA hidden state; `None` = zeros.
     pub cema: Option<CemaState<M, N, E, D>>,
@@ -256,15 +311,22 @@ pub struct LayerState<const M: usize, const H: usize, const N: usize, const G: u
     pub kv: Option<KvCache<H, E, D>>,
 }
 
-impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>> LayerState<M, H, N, G, E, D> {
+impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
+    LayerState<M, H, N, G, E, D>
+{
     pub fn new(dev: &D, batch: usize) -> Self {
-        Self { norm: NormState::empty(dev, batch), cema: None, kv: None }
+        Self {
+            norm: NormState::empty(dev, batch),
+            cema: None,
+            kv: None,
+        }
     }
 
     /// Bytes held by this state (constant in the number of tokens processed).
     pub fn bytes(&self) -> usize {
         let e = std::mem::size_of::<E>();
-        let mut n = self.norm.count.len() * 8 + (self.norm.mean.shape().num_elements() + self.norm.var.shape().num_elements()) * e;
+        let mut n = self.norm.count.len() * 8
+            + (self.norm.mean.shape().num_elements() + self.norm.var.shape().num_elements()) * e;
         if let Some(s) = &self.cema {
             n += 2 * s.re.shape().num_elements() * e;
         }
@@ -280,7 +342,16 @@ impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D
 ///
 /// Generics: `M` model_dim, `Z` z_dim, `V` value_dim, `H` num_heads, `N` cema_ndim, `G`
 /// norm_num_groups.
-pub struct MovingAverageGatedAttention<const M: usize, const Z: usize, const V: usize, const H: usize, const N: usize, const G: usize, E: Dtype, D: Device<E>> {
+pub struct MovingAverageGatedAttention<
+    const M: usize,
+    const Z: usize,
+    const V: usize,
+    const H: usize,
+    const N: usize,
+    const G: usize,
+    E: Dtype,
+    D: Device<E>,
+> {
     pub timenorm: TimestepNorm<M, G, E, D>,
     pub cema: MultiHeadComplexEma<M, N, E, D>,
     pub rmsnorm: RmsNorm<M, E, D>,
@@ -297,11 +368,19 @@ pub struct MovingAverageGatedAttention<const M: usize, const Z: usize, const V: 
     pub rope: Rope,
 }
 
-impl<const M: usize, const Z: usize, const V: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
+impl<
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
 {
     const TYPE_CHECK: () = assert!(
-        H > 0 && Z % H == 0 && V % H == 0 && (Z / H) % 2 == 0,
+        H > 0 && Z.is_multiple_of(H) && V.is_multiple_of(H) && (Z / H).is_multiple_of(2),
         "num_heads must divide z_dim and value_dim, and z_dim / num_heads must be even"
     );
 
@@ -326,22 +405,35 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, const N: us
     }
 
     /// Per-head RMS-normalised Z and the Q/K affine: returns `(Q, K)` as `(B, T, H, dz)`.
-    fn queries_keys<T: Tape<E, D>>(&self, mx: Seq<M, E, D, T>, probe: &mut Option<&mut Probe>) -> (Heads<H, E, D, T>, Heads<H, E, D, T>) {
+    fn queries_keys<T: Tape<E, D>>(
+        &self,
+        mx: Seq<M, E, D, T>,
+        probe: &mut Option<&mut Probe>,
+    ) -> (Heads<H, E, D, T>, Heads<H, E, D, T>) {
         let (b, t, _) = *mx.shape();
         let dz = Z / H;
         let dev = mx.device().clone();
         let zr = self.wz.forward(mx);
         Probe::put(probe, "Zr", &zr);
-        let zn = rms_normalize(zr.reshape_like(&(b, t, Const::<H>, dz)), self.eps).reshape_like(&(b, t, Const::<Z>));
+        let zn = rms_normalize(zr.reshape_like(&(b, t, Const::<H>, dz)), self.eps)
+            .reshape_like(&(b, t, Const::<Z>));
         Probe::put(probe, "Zn", &zn);
         let shape = (b, t, Const::<Z>);
         let scale = c::<E>(1.0 / (dz as f64).sqrt());
-        let row = |p: &Tensor<Rank2<2, Z>, E, D>, i: usize| p.retaped::<T>().select(dev.tensor(i)).broadcast_like::<_, Axes2<0, 1>>(&shape);
-        let q = zn.retaped::<T>() * ((row(&self.gamma, 0) + c::<E>(1.0)) * scale) + row(&self.beta, 0);
+        let row = |p: &Tensor<Rank2<2, Z>, E, D>, i: usize| {
+            p.retaped::<T>()
+                .select(dev.tensor(i))
+                .broadcast_like::<_, Axes2<0, 1>>(&shape)
+        };
+        let q =
+            zn.retaped::<T>() * ((row(&self.gamma, 0) + c::<E>(1.0)) * scale) + row(&self.beta, 0);
         let k = zn * ((row(&self.gamma, 1) + c::<E>(1.0)) * scale) + row(&self.beta, 1);
         Probe::put(probe, "Q", &q);
         Probe::put(probe, "K", &k);
-        (q.reshape_like(&(b, t, Const::<H>, dz)), k.reshape_like(&(b, t, Const::<H>, dz)))
+        (
+            q.reshape_like(&(b, t, Const::<H>, dz)),
+            k.reshape_like(&(b, t, Const::<H>, dz)),
+        )
     }
 
     /// Forward over `x (B, T, M)`. With `state`, continues the stream it describes and updates it
@@ -356,15 +448,24 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, const N: us
         let (b, t, _) = *x.shape();
         let (norm0, h0, kv) = match &state {
             Some(s) => (
-                Some(NormState { count: s.norm.count.clone(), mean: s.norm.mean.retaped::<T>(), var: s.norm.var.retaped::<T>() }),
-                s.cema.as_ref().map(|h| CemaState { re: h.re.retaped::<T>(), im: h.im.retaped::<T>() }),
+                Some(NormState {
+                    count: s.norm.count.clone(),
+                    mean: s.norm.mean.retaped::<T>(),
+                    var: s.norm.var.retaped::<T>(),
+                }),
+                s.cema.as_ref().map(|h| CemaState {
+                    re: h.re.retaped::<T>(),
+                    im: h.im.retaped::<T>(),
+                }),
                 s.kv.as_ref(),
             ),
             None => (None, None, None),
         };
         let (xn, norm1) = self.timenorm.try_forward(x.retaped::<T>(), norm0, None)?;
         Probe::put(&mut probe, "Xn", &xn);
-        let (m, h1) = self.cema.try_forward(xn.retaped::<T>(), h0, state.is_some())?;
+        let (m, h1) = self
+            .cema
+            .try_forward(xn.retaped::<T>(), h0, state.is_some())?;
         Probe::put(&mut probe, "M", &m);
         let mx = self.rmsnorm.forward(m);
         Probe::put(&mut probe, "MX", &mx);
@@ -374,22 +475,45 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, const N: us
         let r = silu(self.wr.forward(mx.retaped::<T>()));
         Probe::put(&mut probe, "R", &r);
         let dv = V / H;
-        let (a, kv1) = chunked_attention(q, k, vv.reshape_like(&(b, t, Const::<H>, dv)), kv, chunk, &self.rope, Masking::Causal)?;
+        let (a, kv1) = chunked_attention(
+            q,
+            k,
+            vv.reshape_like(&(b, t, Const::<H>, dv)),
+            kv,
+            chunk,
+            &self.rope,
+            Masking::Causal,
+        )?;
         let a = a.reshape_like(&(b, t, Const::<V>));
         Probe::put(&mut probe, "A", &a);
         let y = x + self.wh1.forward(mx) + self.wh2.forward(a * r);
         Probe::put(&mut probe, "Y", &y);
         if let Some(s) = state {
-            s.norm = NormState { count: norm1.count, mean: norm1.mean.retaped(), var: norm1.var.retaped() };
-            s.cema = h1.map(|h| CemaState { re: h.re.retaped(), im: h.im.retaped() });
+            s.norm = NormState {
+                count: norm1.count,
+                mean: norm1.mean.retaped(),
+                var: norm1.var.retaped(),
+            };
+            s.cema = h1.map(|h| CemaState {
+                re: h.re.retaped(),
+                im: h.im.retaped(),
+            });
             s.kv = kv1;
         }
         Ok(y)
     }
 }
 
-impl<const M: usize, const Z: usize, const V: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>> Params<E, D>
-    for MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
+impl<
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > Params<E, D> for MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
         v.visit(&join(prefix, "gamma"), &mut self.gamma)?;

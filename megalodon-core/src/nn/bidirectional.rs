@@ -56,11 +56,20 @@ pub struct BidirectionalBlock<
     pub rope: Rope,
 }
 
-impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    BidirectionalBlock<M, Z, V, H, F, N, G, E, D>
+impl<
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > BidirectionalBlock<M, Z, V, H, F, N, G, E, D>
 {
     const TYPE_CHECK: () = assert!(
-        H > 0 && Z % H == 0 && V % H == 0 && (Z / H) % 2 == 0 && G > 0 && M % G == 0,
+        H > 0 && Z.is_multiple_of(H) && V.is_multiple_of(H) && (Z / H).is_multiple_of(2) && G > 0 && M.is_multiple_of(G),
         "num_heads must divide z_dim and value_dim (z_dim / num_heads even); norm_num_groups must divide model_dim"
     );
 
@@ -81,32 +90,56 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: us
             wh2: Linear::new(dev, rng, false),
             gamma: dev.zeros(),
             beta: dev.zeros(),
-            nffn: NormalizedFfn::new(dev, rng, eps, conf.swiglu, conf.rescale_nffn.then_some(layer_id)),
+            nffn: NormalizedFfn::new(
+                dev,
+                rng,
+                eps,
+                conf.swiglu,
+                conf.rescale_nffn.then_some(layer_id),
+            ),
             eps,
             rope: Rope::new(Z / H, conf.rope_base()),
         }
     }
 
     /// The two-way CEMA: `cema(x) + cema_rev` run backward in time.
-    pub fn bidirectional_ema<T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(&self, xn: Seq<M, E, D, T>) -> Result<Seq<M, E, D, T>> {
+    pub fn bidirectional_ema<T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+        &self,
+        xn: Seq<M, E, D, T>,
+    ) -> Result<Seq<M, E, D, T>> {
         let (fwd, _) = self.cema.try_forward(xn.retaped::<T>(), None, false)?;
         let bwd = self.cema_rev.try_forward_anticausal(xn)?;
         Ok(fwd + bwd)
     }
 
     /// `x (B, T, M) -> (B, T, M)` with attention inside chunks of `chunk` positions.
-    pub fn forward<T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(&self, x: Seq<M, E, D, T>, chunk: usize) -> Result<Seq<M, E, D, T>> {
+    pub fn forward<T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+        &self,
+        x: Seq<M, E, D, T>,
+        chunk: usize,
+    ) -> Result<Seq<M, E, D, T>> {
         let (b, t, _) = *x.shape();
         let dev = x.device().clone();
         let xn = self.norm.try_forward(x.retaped::<T>(), None)?;
         let m = self.bidirectional_ema(xn.retaped::<T>())?;
         let mx = self.rmsnorm.forward(m);
         let dz = Z / H;
-        let zn = rms_normalize(self.wz.forward(mx.retaped::<T>()).reshape_like(&(b, t, Const::<H>, dz)), self.eps).reshape_like(&(b, t, Const::<Z>));
+        let zn = rms_normalize(
+            self.wz
+                .forward(mx.retaped::<T>())
+                .reshape_like(&(b, t, Const::<H>, dz)),
+            self.eps,
+        )
+        .reshape_like(&(b, t, Const::<Z>));
         let shape = (b, t, Const::<Z>);
         let scale = c::<E>(1.0 / (dz as f64).sqrt());
-        let row = |p: &Tensor<Rank2<2, Z>, E, D>, i: usize| p.retaped::<T>().select(dev.tensor(i)).broadcast_like::<_, Axes2<0, 1>>(&shape);
-        let q = zn.retaped::<T>() * ((row(&self.gamma, 0) + c::<E>(1.0)) * scale) + row(&self.beta, 0);
+        let row = |p: &Tensor<Rank2<2, Z>, E, D>, i: usize| {
+            p.retaped::<T>()
+                .select(dev.tensor(i))
+                .broadcast_like::<_, Axes2<0, 1>>(&shape)
+        };
+        let q =
+            zn.retaped::<T>() * ((row(&self.gamma, 0) + c::<E>(1.0)) * scale) + row(&self.beta, 0);
         let k = zn * ((row(&self.gamma, 1) + c::<E>(1.0)) * scale) + row(&self.beta, 1);
         let q: Heads<H, E, D, T> = q.reshape_like(&(b, t, Const::<H>, dz));
         let k: Heads<H, E, D, T> = k.reshape_like(&(b, t, Const::<H>, dz));
@@ -119,8 +152,17 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: us
     }
 }
 
-impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>> Params<E, D>
-    for BidirectionalBlock<M, Z, V, H, F, N, G, E, D>
+impl<
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > Params<E, D> for BidirectionalBlock<M, Z, V, H, F, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
         let p = join(prefix, "mega");

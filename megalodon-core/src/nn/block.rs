@@ -28,14 +28,29 @@ pub struct MegaBlock<
     pub nffn: NormalizedFfn<M, F, E, D>,
 }
 
-impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    MegaBlock<M, Z, V, H, F, N, G, E, D>
+impl<
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > MegaBlock<M, Z, V, H, F, N, G, E, D>
 {
     /// Official initialisation of layer `layer_id` under `conf`.
     pub fn new(dev: &D, rng: &mut impl Rng, conf: &ModelConf, layer_id: usize) -> Self {
         Self {
             mega: MovingAverageGatedAttention::new(dev, rng, conf.norm_eps, conf.rope_base()),
-            nffn: NormalizedFfn::new(dev, rng, conf.norm_eps, conf.swiglu, conf.rescale_nffn.then_some(layer_id)),
+            nffn: NormalizedFfn::new(
+                dev,
+                rng,
+                conf.norm_eps,
+                conf.swiglu,
+                conf.rescale_nffn.then_some(layer_id),
+            ),
         }
     }
 
@@ -47,7 +62,9 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: us
         state: Option<&mut LayerState<M, H, N, G, E, D>>,
         mut probe: Option<&mut Probe>,
     ) -> Result<Seq<M, E, D, T>> {
-        let y = self.mega.forward(x.retaped::<T>(), chunk, state, probe.as_deref_mut())?;
+        let y = self
+            .mega
+            .forward(x.retaped::<T>(), chunk, state, probe.as_deref_mut())?;
         let out = self.nffn.forward(y, x, &mut probe);
         if let Some(p) = probe {
             p.0.insert("out".into(), crate::util::to_f64(&out));
@@ -56,8 +73,17 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: us
     }
 }
 
-impl<const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>> Params<E, D>
-    for MegaBlock<M, Z, V, H, F, N, G, E, D>
+impl<
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > Params<E, D> for MegaBlock<M, Z, V, H, F, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
         self.mega.visit_params(&join(prefix, "mega"), v)?;

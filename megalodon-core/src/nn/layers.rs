@@ -64,7 +64,9 @@ impl<const I: usize, const O: usize, E: Float, D: Device<E>> Params<E, D> for Li
 }
 
 /// `silu(x) = x * sigmoid(x)`.
-pub fn silu<S: Shape, E: Float, D: Device<E>, T: Tape<E, D>>(x: Tensor<S, E, D, T>) -> Tensor<S, E, D, T> {
+pub fn silu<S: Shape, E: Float, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
     let s = x.retaped::<T>().sigmoid();
     x * s
 }
@@ -91,7 +93,10 @@ pub struct RmsNorm<const M: usize, E: Dtype, D: Device<E>> {
 
 impl<const M: usize, E: Float, D: Device<E>> RmsNorm<M, E, D> {
     pub fn new(dev: &D, eps: f64) -> Self {
-        Self { weight: dev.zeros(), eps }
+        Self {
+            weight: dev.zeros(),
+            eps,
+        }
     }
 
     pub fn forward<T: Tape<E, D>>(&self, x: Seq<M, E, D, T>) -> Seq<M, E, D, T> {
@@ -116,13 +121,20 @@ pub struct LayerNorm<const M: usize, E: Dtype, D: Device<E>> {
 
 impl<const M: usize, E: Float, D: Device<E>> LayerNorm<M, E, D> {
     pub fn new(dev: &D, eps: f64) -> Self {
-        Self { weight: dev.zeros(), bias: dev.zeros(), eps }
+        Self {
+            weight: dev.zeros(),
+            bias: dev.zeros(),
+            eps,
+        }
     }
 
     pub fn forward<T: Tape<E, D>>(&self, x: Seq<M, E, D, T>) -> Seq<M, E, D, T> {
         let s = *x.shape();
         let w = (self.weight.retaped::<T>() + c::<E>(1.0)).broadcast_like::<_, Axes2<0, 1>>(&s);
-        let b = self.bias.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&s);
+        let b = self
+            .bias
+            .retaped::<T>()
+            .broadcast_like::<_, Axes2<0, 1>>(&s);
         x.normalize::<Axis<2>>(self.eps) * w + b
     }
 }

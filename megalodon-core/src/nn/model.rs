@@ -44,14 +44,23 @@ pub struct Megalodon<
 
 /// Streaming state of the whole model: one [`LayerState`] per layer plus the final norm's.
 /// Its size is constant in the number of tokens processed.
-pub struct ModelState<const M: usize, const H: usize, const N: usize, const G: usize, E: Dtype, D: Device<E>> {
+pub struct ModelState<
+    const M: usize,
+    const H: usize,
+    const N: usize,
+    const G: usize,
+    E: Dtype,
+    D: Device<E>,
+> {
     pub layers: Vec<LayerState<M, H, N, G, E, D>>,
     pub final_norm: NormState<G, E, D>,
     /// Tokens processed per batch row so far.
     pub position: usize,
 }
 
-impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>> ModelState<M, H, N, G, E, D> {
+impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
+    ModelState<M, H, N, G, E, D>
+{
     /// Bytes held by the state.
     pub fn bytes(&self) -> usize {
         let e = std::mem::size_of::<E>();
@@ -63,15 +72,38 @@ impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D
 
 /// Number of parameters of a config (spec section 8), without building the model.
 pub fn param_count(conf: &ModelConf) -> usize {
-    let (d, z, e, f, n) = (conf.model_dim, conf.z_dim, conf.value_dim, conf.ffn_hidden_dim, conf.cema_ndim);
+    let (d, z, e, f, n) = (
+        conf.model_dim,
+        conf.z_dim,
+        conf.value_dim,
+        conf.ffn_hidden_dim,
+        conf.cema_ndim,
+    );
     let mega = (4 * n + 6) * d + 3 * d * e + d * z + d * d + 2 * e + 5 * z;
-    let ffn = 2 * d + 2 * d * f + if conf.swiglu { d * f } else { 0 } + if conf.rescale_nffn { d } else { 0 };
-    let head = if conf.share_emb { 0 } else { conf.vocab_size * d };
+    let ffn = 2 * d
+        + 2 * d * f
+        + if conf.swiglu { d * f } else { 0 }
+        + if conf.rescale_nffn { d } else { 0 };
+    let head = if conf.share_emb {
+        0
+    } else {
+        conf.vocab_size * d
+    };
     conf.num_layers * (mega + ffn) + conf.vocab_size * d + head + 2 * d
 }
 
-impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    Megalodon<L, M, Z, V, H, F, N, G, E, D>
+impl<
+        const L: usize,
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     /// The compile-time widths of this model type.
     pub const DIMS: Dims = Dims {
@@ -98,10 +130,26 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let std = 1.0 / (M as f64).sqrt();
         let vocab = conf.vocab_size;
-        let embed = dev.tensor_from_vec(normal_vec::<E>(&mut rng, vocab * M, std, Some(3.0 * std)), (vocab, Const::<M>));
-        let layers = (0..L).map(|i| MegaBlock::new(dev, &mut rng, &conf, i)).collect();
-        let output = (!conf.share_emb).then(|| dev.tensor_from_vec(normal_vec::<E>(&mut rng, vocab * M, std, Some(3.0 * std)), (vocab, Const::<M>)));
-        Ok(Self { embed, layers, final_norm: TimestepNorm::new(dev, conf.norm_eps), output, conf })
+        let embed = dev.tensor_from_vec(
+            normal_vec::<E>(&mut rng, vocab * M, std, Some(3.0 * std)),
+            (vocab, Const::<M>),
+        );
+        let layers = (0..L)
+            .map(|i| MegaBlock::new(dev, &mut rng, &conf, i))
+            .collect();
+        let output = (!conf.share_emb).then(|| {
+            dev.tensor_from_vec(
+                normal_vec::<E>(&mut rng, vocab * M, std, Some(3.0 * std)),
+                (vocab, Const::<M>),
+            )
+        });
+        Ok(Self {
+            embed,
+            layers,
+            final_norm: TimestepNorm::new(dev, conf.norm_eps),
+            output,
+            conf,
+        })
     }
 
     /// Vocabulary size V.
@@ -112,12 +160,25 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
     /// A fresh streaming state for `batch` rows.
     pub fn new_state(&self, batch: usize) -> ModelState<M, H, N, G, E, D> {
         let dev = self.embed.device();
-        ModelState { layers: (0..L).map(|_| LayerState::new(dev, batch)).collect(), final_norm: NormState::empty(dev, batch), position: 0 }
+        ModelState {
+            layers: (0..L).map(|_| LayerState::new(dev, batch)).collect(),
+            final_norm: NormState::empty(dev, batch),
+            position: 0,
+        }
     }
 
-    fn token_index(&self, tokens: &[usize], b: usize, t: usize) -> Result<Tensor<(usize, usize), usize, D>> {
+    fn token_index(
+        &self,
+        tokens: &[usize],
+        b: usize,
+        t: usize,
+    ) -> Result<Tensor<(usize, usize), usize, D>> {
         ensure!(b > 0 && t > 0, "empty token batch ({b} x {t})");
-        ensure!(tokens.len() == b * t, "token buffer has {} ids, expected B*T = {b}*{t}", tokens.len());
+        ensure!(
+            tokens.len() == b * t,
+            "token buffer has {} ids, expected B*T = {b}*{t}",
+            tokens.len()
+        );
         let vocab = self.vocab_size();
         if let Some((i, &tok)) = tokens.iter().enumerate().find(|(_, &x)| x >= vocab) {
             bail!("token id {tok} at position {i} is outside the vocabulary (size {vocab})");
@@ -137,7 +198,11 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
     ) -> Result<Logits<E, D, T>> {
         let idx = self.token_index(tokens, b, t)?;
         if let Some(s) = &state {
-            ensure!(s.final_norm.count.len() == b, "streaming state has batch {}, input has batch {b}", s.final_norm.count.len());
+            ensure!(
+                s.final_norm.count.len() == b,
+                "streaming state has batch {}, input has batch {b}",
+                s.final_norm.count.len()
+            );
         }
         let mut x: Seq<M, E, D, T> = emb.gather(idx);
         if self.conf.scale_emb {
@@ -159,7 +224,11 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
         });
         let (y, norm1) = self.final_norm.try_forward(x, norm0, None)?;
         if let Some(s) = state {
-            s.final_norm = NormState { count: norm1.count, mean: norm1.mean.retaped(), var: norm1.var.retaped() };
+            s.final_norm = NormState {
+                count: norm1.count,
+                mean: norm1.mean.retaped(),
+                var: norm1.var.retaped(),
+            };
             s.position += t;
         }
         let w = match &self.output {
@@ -175,7 +244,12 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
     }
 
     /// Like [`forward`](Self::forward) but also returns the per-layer intermediates.
-    pub fn forward_probed(&self, tokens: &[usize], b: usize, t: usize) -> Result<(Logits<E, D>, Vec<Probe>)> {
+    pub fn forward_probed(
+        &self,
+        tokens: &[usize],
+        b: usize,
+        t: usize,
+    ) -> Result<(Logits<E, D>, Vec<Probe>)> {
         let mut probes = Vec::new();
         let l = self.run(self.embed.clone(), tokens, b, t, None, Some(&mut probes))?;
         Ok((l, probes))
@@ -184,22 +258,42 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
     /// Streaming forward: continues the stream in `state` (any number of tokens per call,
     /// crossing chunk boundaries freely) and updates it. Feeding a sequence in any split gives
     /// the logits of one full call.
-    pub fn forward_stream(&self, tokens: &[usize], b: usize, t: usize, state: &mut ModelState<M, H, N, G, E, D>) -> Result<Logits<E, D>> {
+    pub fn forward_stream(
+        &self,
+        tokens: &[usize],
+        b: usize,
+        t: usize,
+        state: &mut ModelState<M, H, N, G, E, D>,
+    ) -> Result<Logits<E, D>> {
         self.run(self.embed.clone(), tokens, b, t, Some(state), None)
     }
 
     /// Training forward: returns logits carrying a tape that accumulates into `grads` (make them
     /// with [`crate::params::alloc_grads`]).
-    pub fn forward_train(&self, tokens: &[usize], b: usize, t: usize, grads: Gradients<E, D>) -> Result<Logits<E, D, OwnedTape<E, D>>> {
+    pub fn forward_train(
+        &self,
+        tokens: &[usize],
+        b: usize,
+        t: usize,
+        grads: Gradients<E, D>,
+    ) -> Result<Logits<E, D, OwnedTape<E, D>>> {
         self.run(self.embed.clone().traced(grads), tokens, b, t, None, None)
     }
 }
 
 /// Mean token cross entropy of `logits (B, T, V)` against `targets` (row-major `B x T`);
 /// targets equal to `ignore` (the official -100, here any sentinel >= V) are skipped.
-pub fn cross_entropy<E: Float, D: Device<E>, T: Tape<E, D>>(logits: Logits<E, D, T>, targets: &[Option<usize>]) -> Result<Tensor<Rank0, E, D, T>> {
+pub fn cross_entropy<E: Float, D: Device<E>, T: Tape<E, D>>(
+    logits: Logits<E, D, T>,
+    targets: &[Option<usize>],
+) -> Result<Tensor<Rank0, E, D, T>> {
     let (b, t, v) = *logits.shape();
-    ensure!(targets.len() == b * t, "targets have {} entries, logits have B*T = {}", targets.len(), b * t);
+    ensure!(
+        targets.len() == b * t,
+        "targets have {} entries, logits have B*T = {}",
+        targets.len(),
+        b * t
+    );
     let n = targets.iter().filter(|x| x.is_some()).count();
     ensure!(n > 0, "no target to score (all ignored)");
     let mut idx = Vec::with_capacity(b * t);
@@ -207,7 +301,10 @@ pub fn cross_entropy<E: Float, D: Device<E>, T: Tape<E, D>>(logits: Logits<E, D,
     for (i, tg) in targets.iter().enumerate() {
         match tg {
             Some(k) => {
-                ensure!(*k < v, "target {k} at position {i} is outside the vocabulary (size {v})");
+                ensure!(
+                    *k < v,
+                    "target {k} at position {i} is outside the vocabulary (size {v})"
+                );
                 idx.push(*k);
                 w.push(c::<E>(-1.0 / n as f64));
             }
@@ -224,15 +321,26 @@ pub fn cross_entropy<E: Float, D: Device<E>, T: Tape<E, D>>(logits: Logits<E, D,
     Ok((lp.select(idx) * w).sum())
 }
 
-impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>> Params<E, D>
-    for Megalodon<L, M, Z, V, H, F, N, G, E, D>
+impl<
+        const L: usize,
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > Params<E, D> for Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
         v.visit(&join(prefix, "embed.weight"), &mut self.embed)?;
         for (i, l) in self.layers.iter_mut().enumerate() {
             l.visit_params(&join(prefix, &format!("layers.{i}")), v)?;
         }
-        self.final_norm.visit_params(&join(prefix, "output.final_norm"), v)?;
+        self.final_norm
+            .visit_params(&join(prefix, "output.final_norm"), v)?;
         if let Some(w) = &mut self.output {
             v.visit(&join(prefix, "output.output.weight"), w)?;
         }
@@ -240,20 +348,58 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
     }
 }
 
-fn timenorm_buffers(prefix: &str, groups: usize, out: &mut Vec<(String, crate::checkpoint::Buffer)>) {
+fn timenorm_buffers(
+    prefix: &str,
+    groups: usize,
+    out: &mut Vec<(String, crate::checkpoint::Buffer)>,
+) {
     use crate::checkpoint::Buffer;
-    out.push((format!("{prefix}.prior_count"), Buffer::I64 { shape: vec![], data: vec![0] }));
-    out.push((format!("{prefix}.prior_mean"), Buffer::F32 { shape: vec![groups], data: vec![0.0; groups] }));
-    out.push((format!("{prefix}.prior_logv"), Buffer::F32 { shape: vec![groups], data: vec![0.0; groups] }));
+    out.push((
+        format!("{prefix}.prior_count"),
+        Buffer::I64 {
+            shape: vec![],
+            data: vec![0],
+        },
+    ));
+    out.push((
+        format!("{prefix}.prior_mean"),
+        Buffer::F32 {
+            shape: vec![groups],
+            data: vec![0.0; groups],
+        },
+    ));
+    out.push((
+        format!("{prefix}.prior_logv"),
+        Buffer::F32 {
+            shape: vec![groups],
+            data: vec![0.0; groups],
+        },
+    ));
 }
 
-impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    crate::checkpoint::HasBuffers for Megalodon<L, M, Z, V, H, F, N, G, E, D>
+impl<
+        const L: usize,
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > crate::checkpoint::HasBuffers for Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     /// The official buffers: `rope.freqs`, and the (zero, unused) TimestepNorm priors.
     fn buffers(&self) -> Vec<(String, crate::checkpoint::Buffer)> {
         let rope = Rope::new(Z / H, self.conf.rope_base());
-        let mut out = vec![("rope.freqs".to_string(), crate::checkpoint::Buffer::F32 { shape: vec![rope.freqs.len()], data: rope.freqs })];
+        let mut out = vec![(
+            "rope.freqs".to_string(),
+            crate::checkpoint::Buffer::F32 {
+                shape: vec![rope.freqs.len()],
+                data: rope.freqs,
+            },
+        )];
         for i in 0..L {
             timenorm_buffers(&format!("layers.{i}.mega.timenorm"), G, &mut out);
         }
@@ -264,15 +410,28 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
     /// With `share_emb`, `output.output.weight` is written as a copy of `embed.weight`.
     fn aliases(&self) -> Vec<(String, String)> {
         if self.output.is_none() {
-            vec![("output.output.weight".to_string(), "embed.weight".to_string())]
+            vec![(
+                "output.output.weight".to_string(),
+                "embed.weight".to_string(),
+            )]
         } else {
             Vec::new()
         }
     }
 }
 
-impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: usize, const F: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    Megalodon<L, M, Z, V, H, F, N, G, E, D>
+impl<
+        const L: usize,
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: Device<E>,
+    > Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     /// Writes `config.json` and `model.safetensors` (official key names) into `dir`, atomically.
     pub fn save_run(&mut self, dir: &std::path::Path) -> Result<()> {
@@ -285,7 +444,12 @@ impl<const L: usize, const M: usize, const Z: usize, const V: usize, const H: us
     /// then every weight is loaded by its official key (errors name key and shapes).
     pub fn load_run(dev: &D, dir: &std::path::Path) -> Result<Self> {
         let conf = crate::checkpoint::load_config(dir)?;
-        conf.check_dims(&Self::DIMS).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(crate::checkpoint::CONFIG_FILE).display()))?;
+        conf.check_dims(&Self::DIMS).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}",
+                dir.join(crate::checkpoint::CONFIG_FILE).display()
+            )
+        })?;
         let mut model = Self::new(dev, conf, 0)?;
         crate::checkpoint::load_run_weights(dir, &mut model)?;
         Ok(model)

@@ -22,18 +22,34 @@ pub struct NormalizedFfn<const M: usize, const F: usize, E: Dtype, D: Device<E>>
 }
 
 impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F, E, D> {
-    pub fn new(dev: &D, rng: &mut impl Rng, eps: f64, swiglu: bool, rescale: Option<usize>) -> Self {
+    pub fn new(
+        dev: &D,
+        rng: &mut impl Rng,
+        eps: f64,
+        swiglu: bool,
+        rescale: Option<usize>,
+    ) -> Self {
         Self {
             norm: LayerNorm::new(dev, eps),
             fc1: Linear::new(dev, rng, false),
             fc2: Linear::new(dev, rng, false),
             fc3: swiglu.then(|| Linear::new(dev, rng, false)),
-            alpha: rescale.map(|layer| dev.tensor_from_vec(vec![c::<E>(0.1 * 0.5f64.powi(layer as i32)); M], Rank1::<M>::default())),
+            alpha: rescale.map(|layer| {
+                dev.tensor_from_vec(
+                    vec![c::<E>(0.1 * 0.5f64.powi(layer as i32)); M],
+                    Rank1::<M>::default(),
+                )
+            }),
         }
     }
 
     /// `y`: attention-unit output (FFN input); `x`: the layer input for the residual.
-    pub fn forward<T: Tape<E, D>>(&self, y: Seq<M, E, D, T>, x: Seq<M, E, D, T>, probe: &mut Option<&mut Probe>) -> Seq<M, E, D, T> {
+    pub fn forward<T: Tape<E, D>>(
+        &self,
+        y: Seq<M, E, D, T>,
+        x: Seq<M, E, D, T>,
+        probe: &mut Option<&mut Probe>,
+    ) -> Seq<M, E, D, T> {
         let yn = self.norm.forward(y);
         if let Some(p) = probe.as_deref_mut() {
             p.0.insert("Yn".into(), crate::util::to_f64(&yn));
@@ -57,7 +73,9 @@ impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F,
     }
 }
 
-impl<const M: usize, const F: usize, E: Float, D: Device<E>> Params<E, D> for NormalizedFfn<M, F, E, D> {
+impl<const M: usize, const F: usize, E: Float, D: Device<E>> Params<E, D>
+    for NormalizedFfn<M, F, E, D>
+{
     fn visit_params<V: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut V) -> Result<()> {
         self.norm.visit_params(&join(prefix, "norm"), v)?;
         self.fc1.visit_params(&join(prefix, "fc1"), v)?;

@@ -30,7 +30,10 @@ pub fn cumsum_last<E: Float, D: Device<E>, T: Tape<E, D> + Merge<NoneTape>>(
         x
     };
     let xb = xp.reshape_like(&(rows * nb, BLOCK));
-    let totals = xb.retaped::<T>().sum::<(usize,), Axis<1>>().reshape_like(&(rows, nb));
+    let totals = xb
+        .retaped::<T>()
+        .sum::<(usize,), Axis<1>>()
+        .reshape_like(&(rows, nb));
     let tri: Tensor<(usize, usize), E, D> = dev.upper_tri_like(&(BLOCK, BLOCK), c::<E>(1.0), None);
     let local = xb.matmul(tri).reshape_like(&(rows, nb, BLOCK));
     // exclusive prefix of the block totals = inclusive prefix - own total

@@ -29,7 +29,11 @@ pub struct NormState<const G: usize, E: Dtype, D: Device<E>, T = NoneTape> {
 
 impl<const G: usize, E: Dtype, D: Device<E>> Clone for NormState<G, E, D> {
     fn clone(&self) -> Self {
-        Self { count: self.count.clone(), mean: self.mean.clone(), var: self.var.clone() }
+        Self {
+            count: self.count.clone(),
+            mean: self.mean.clone(),
+            var: self.var.clone(),
+        }
     }
 }
 
@@ -52,19 +56,27 @@ pub struct TimestepNorm<const M: usize, const G: usize, E: Dtype, D: Device<E>> 
 }
 
 impl<const M: usize, const G: usize, E: Float, D: Device<E>> TimestepNorm<M, G, E, D> {
-    const TYPE_CHECK: () = assert!(G > 0 && M % G == 0, "norm_num_groups must divide model_dim");
+    const TYPE_CHECK: () = assert!(
+        G > 0 && M.is_multiple_of(G),
+        "norm_num_groups must divide model_dim"
+    );
 
     /// Zero-initialised weight and bias (official init).
     pub fn new(dev: &D, eps: f64) -> Self {
         #[allow(clippy::let_unit_value)]
         let _ = Self::TYPE_CHECK;
-        Self { weight: dev.zeros(), bias: dev.zeros(), eps }
+        Self {
+            weight: dev.zeros(),
+            bias: dev.zeros(),
+            eps,
+        }
     }
 
     /// Normalises `x (B, T, M)` continuing from `state` (the official empty state if `None`).
     /// `pad` is an optional `B*T` row-major mask, `true` = padding: padded steps output 0 and do
     /// not update the statistics. Returns the output and the state after the last step.
     /// Gradients flow to `x`, the parameters and (if taped) the carried mean and variance.
+    #[allow(clippy::type_complexity)]
     pub fn try_forward<T: Tape<E, D> + Merge<NoneTape>>(
         &self,
         x: Seq<M, E, D, T>,
@@ -77,8 +89,16 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> TimestepNorm<M, G, 
         let gs = M / G;
         let (count0, mean0, var0) = match state {
             Some(s) => {
-                ensure!(s.count.len() == b, "TimestepNorm state has batch {}, input has batch {b}", s.count.len());
-                ensure!(s.mean.shape().0 == b, "TimestepNorm state mean has batch {}, input has batch {b}", s.mean.shape().0);
+                ensure!(
+                    s.count.len() == b,
+                    "TimestepNorm state has batch {}, input has batch {b}",
+                    s.count.len()
+                );
+                ensure!(
+                    s.mean.shape().0 == b,
+                    "TimestepNorm state mean has batch {}, input has batch {b}",
+                    s.mean.shape().0
+                );
                 (s.count, s.mean, s.var)
             }
             None => {
@@ -87,7 +107,12 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> TimestepNorm<M, G, 
             }
         };
         if let Some(p) = pad {
-            ensure!(p.len() == b * t, "padding mask has {} entries, expected B*T = {}", p.len(), b * t);
+            ensure!(
+                p.len() == b * t,
+                "padding mask has {} entries, expected B*T = {}",
+                p.len(),
+                b * t
+            );
         }
         // host-side step counts n_t (depend only on the mask)
         let mut keep = vec![c::<E>(1.0); b * t];
@@ -138,20 +163,36 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> TimestepNorm<M, G, 
         let var_last = var_t.retaped::<T>().select(last);
 
         let shp4 = (b, t, Const::<G>, gs);
-        let rstd = (var_t + c::<E>(self.eps)).sqrt().recip().broadcast_like::<_, Axis<3>>(&shp4);
+        let rstd = (var_t + c::<E>(self.eps))
+            .sqrt()
+            .recip()
+            .broadcast_like::<_, Axis<3>>(&shp4);
         let centered = xg - mean_t.broadcast_like::<_, Axis<3>>(&shp4);
         let normed = (centered * rstd).reshape_like(&(b, t, Const::<M>));
-        let w = (self.weight.retaped::<T>() + c::<E>(1.0)).broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
-        let bias = self.bias.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
+        let w = (self.weight.retaped::<T>() + c::<E>(1.0))
+            .broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
+        let bias = self
+            .bias
+            .retaped::<T>()
+            .broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
         let mut y = normed * w + bias;
         if pad.is_some() {
             y = y * keep_t.broadcast_like::<_, Axis<2>>(&(b, t, Const::<M>));
         }
-        Ok((y, NormState { count: final_count, mean: mean_last, var: var_last }))
+        Ok((
+            y,
+            NormState {
+                count: final_count,
+                mean: mean_last,
+                var: var_last,
+            },
+        ))
     }
 }
 
-impl<const M: usize, const G: usize, E: Float, D: Device<E>> Params<E, D> for TimestepNorm<M, G, E, D> {
+impl<const M: usize, const G: usize, E: Float, D: Device<E>> Params<E, D>
+    for TimestepNorm<M, G, E, D>
+{
     fn visit_params<V: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut V) -> Result<()> {
         v.visit(&join(prefix, "weight"), &mut self.weight)?;
         v.visit(&join(prefix, "bias"), &mut self.bias)
@@ -170,11 +211,19 @@ pub struct SequenceNorm<const M: usize, const G: usize, E: Dtype, D: Device<E>> 
 impl<const M: usize, const G: usize, E: Float, D: Device<E>> SequenceNorm<M, G, E, D> {
     /// Zero-initialised weight and bias (weight applied as `1 + w`).
     pub fn new(dev: &D, eps: f64) -> Self {
-        Self { weight: dev.zeros(), bias: dev.zeros(), eps }
+        Self {
+            weight: dev.zeros(),
+            bias: dev.zeros(),
+            eps,
+        }
     }
 
     /// `x (B, T, M)`; `pad` as in [`TimestepNorm::try_forward`].
-    pub fn try_forward<T: Tape<E, D> + Merge<NoneTape>>(&self, x: Seq<M, E, D, T>, pad: Option<&[bool]>) -> Result<Seq<M, E, D, T>> {
+    pub fn try_forward<T: Tape<E, D> + Merge<NoneTape>>(
+        &self,
+        x: Seq<M, E, D, T>,
+        pad: Option<&[bool]>,
+    ) -> Result<Seq<M, E, D, T>> {
         let (b, t, _) = *x.shape();
         ensure!(t > 0, "SequenceNorm: empty sequence");
         let dev = x.device().clone();
@@ -193,7 +242,12 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> SequenceNorm<M, G, 
             ninv[bi] = c(1.0 / n.max(1) as f64);
         }
         if let Some(p) = pad {
-            ensure!(p.len() == b * t, "padding mask has {} entries, expected B*T = {}", p.len(), b * t);
+            ensure!(
+                p.len() == b * t,
+                "padding mask has {} entries, expected B*T = {}",
+                p.len(),
+                b * t
+            );
         }
         let keep_t: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(keep, (b, t));
         let ninv_t: Tensor<(usize,), E, D> = dev.tensor_from_vec(ninv, (b,));
@@ -206,15 +260,25 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> SequenceNorm<M, G, 
         let ninv2 = ninv_t.broadcast_like::<_, Axis<1>>(&(b, Const::<G>));
         let mean = mu.sum::<_, Axis<1>>() * ninv2.clone();
         let var = m2.sum::<_, Axis<1>>() * ninv2 - mean.retaped::<T>().square();
-        let rstd = (var + c::<E>(self.eps)).sqrt().recip().broadcast_like::<_, Axes2<1, 3>>(&shp4);
-        let normed = ((xg - mean.broadcast_like::<_, Axes2<1, 3>>(&shp4)) * rstd).reshape_like(&(b, t, Const::<M>));
-        let w = (self.weight.retaped::<T>() + c::<E>(1.0)).broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
-        let bias = self.bias.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
+        let rstd = (var + c::<E>(self.eps))
+            .sqrt()
+            .recip()
+            .broadcast_like::<_, Axes2<1, 3>>(&shp4);
+        let normed = ((xg - mean.broadcast_like::<_, Axes2<1, 3>>(&shp4)) * rstd)
+            .reshape_like(&(b, t, Const::<M>));
+        let w = (self.weight.retaped::<T>() + c::<E>(1.0))
+            .broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
+        let bias = self
+            .bias
+            .retaped::<T>()
+            .broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
         Ok((normed * w + bias) * keep_t.broadcast_like::<_, Axis<2>>(&(b, t, Const::<M>)))
     }
 }
 
-impl<const M: usize, const G: usize, E: Float, D: Device<E>> Params<E, D> for SequenceNorm<M, G, E, D> {
+impl<const M: usize, const G: usize, E: Float, D: Device<E>> Params<E, D>
+    for SequenceNorm<M, G, E, D>
+{
     fn visit_params<V: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut V) -> Result<()> {
         v.visit(&join(prefix, "weight"), &mut self.weight)?;
         v.visit(&join(prefix, "bias"), &mut self.bias)
