@@ -141,6 +141,9 @@ pub fn fit<
                 .with_context(|| format!("creating run directory {}", out.display()))?;
             let path = out.join("metrics.csv");
             let fresh = !path.exists() || state.step == 0;
+            if !fresh {
+                truncate_metrics(&path, state.step)?;
+            }
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(!fresh)
@@ -210,4 +213,24 @@ pub fn checkpoint<
         }
     }
     Ok(())
+}
+
+/// Drops the rows of `metrics.csv` logged after `step` (a resumed run re-logs them).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut kept = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let keep = i == 0
+            || line
+                .split(',')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|s| s <= step);
+        if keep {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    write_atomic(path, kept.as_bytes())
 }
