@@ -306,12 +306,12 @@ fn spawn_child(args: &Args, model: &str, len: usize) -> Cell {
             use std::os::unix::process::ExitStatusExt;
             if let Some(sig) = out.status.signal() {
                 let why = if sig == 9 {
-                    "killed (SIGKILL, likely out of memory)"
+                    "killed (SIGKILL: out of memory?)".to_string()
                 } else {
-                    "killed by signal"
+                    format!("killed by signal {sig}")
                 };
-                eprintln!("[{model} T={len}] {why} {sig} after {wall:.1} s; stderr: {tail}");
-                return Cell::Failed(format!("{why} {sig}"));
+                eprintln!("[{model} T={len}] {why} after {wall:.1} s; stderr: {tail}");
+                return Cell::Failed(why);
             }
         }
         eprintln!(
