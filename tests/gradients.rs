@@ -1,0 +1,229 @@
+//! Gradients of every parameter (and the input) against central finite differences in f64:
+//! the whole causal LM (all ops: TimestepNorm, CEMA, RoPE chunked attention over a partial last
+//! chunk, norms, FFN, tied head) and the bidirectional classifier block.
+
+use dfdx::prelude::*;
+use megalodon::core::nn::bidirectional::BidirectionalBlock;
+use megalodon::core::nn::model::cross_entropy;
+use megalodon::core::params::alloc_grads;
+use megalodon::core::presets::{Tiny, TINY_CHUNK};
+use megalodon::core::{ModelConf, ParamVisitor, Params};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+/// Sets every parameter to N(0, 0.3^2) noise (zero-initialised norms, biases, gamma/beta too).
+struct Randomize(rand::rngs::StdRng);
+impl ParamVisitor<f64, Cpu> for Randomize {
+    fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, f64, Cpu>) -> anyhow::Result<()> {
+        let v: Vec<f64> = (0..t.shape().num_elements())
+            .map(|_| self.0.gen_range(-0.5..0.5))
+            .collect();
+        t.copy_from(&v);
+        Ok(())
+    }
+}
+
+/// Adds `h` to entry `idx` of parameter `name`.
+struct Nudge<'a> {
+    name: &'a str,
+    idx: usize,
+    h: f64,
+}
+impl ParamVisitor<f64, Cpu> for Nudge<'_> {
+    fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, f64, Cpu>) -> anyhow::Result<()> {
+        if name == self.name {
+            let mut v = t.as_vec();
+            v[self.idx] += self.h;
+            t.copy_from(&v);
+        }
+        Ok(())
+    }
+}
+
+struct Grab<'a>(&'a Gradients<f64, Cpu>, BTreeMap<String, Vec<f64>>);
+impl ParamVisitor<f64, Cpu> for Grab<'_> {
+    fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, f64, Cpu>) -> anyhow::Result<()> {
+        self.1.insert(name.to_string(), self.0.get(&*t).as_vec());
+        Ok(())
+    }
+}
+
+/// Checks 3 entries of every parameter; returns the worst relative error.
+fn fd_all<M: Params<f64, Cpu>>(
+    model: &mut M,
+    grads: &BTreeMap<String, Vec<f64>>,
+    mut loss: impl FnMut(&mut M) -> f64,
+) -> f64 {
+    let h = 1e-5;
+    let mut worst: f64 = 0.0;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for (name, g) in grads {
+        let scale = g.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
+        for _ in 0..3 {
+            let i = rng.gen_range(0..g.len());
+            model
+                .visit_params("", &mut Nudge { name, idx: i, h })
+                .unwrap();
+            let lp = loss(model);
+            model
+                .visit_params(
+                    "",
+                    &mut Nudge {
+                        name,
+                        idx: i,
+                        h: -2.0 * h,
+                    },
+                )
+                .unwrap();
+            let lm = loss(model);
+            model
+                .visit_params("", &mut Nudge { name, idx: i, h })
+                .unwrap();
+            let fd = (lp - lm) / (2.0 * h);
+            let err = (fd - g[i]).abs() / scale;
+            assert!(
+                err < 1e-5,
+                "{name}[{i}]: analytic {} vs finite difference {fd} (rel {err:.2e})",
+                g[i]
+            );
+            worst = worst.max(err);
+        }
+    }
+    worst
+}
+
+#[test]
+fn whole_model_gradients_match_finite_differences() {
+    let dev: Cpu = Default::default();
+    let conf = ModelConf {
+        swiglu: true,
+        share_emb: true,
+        scale_emb: true,
+        ..Tiny::<f64, Cpu>::default_conf(TINY_CHUNK, 11)
+    };
+    let mut m = Tiny::<f64, Cpu>::new(&dev, conf, 5).unwrap();
+    m.visit_params("", &mut Randomize(rand::rngs::StdRng::seed_from_u64(5)))
+        .unwrap();
+    let (b, t) = (2, 19); // 2 full chunks of 8 and a partial one
+    let tokens: Vec<usize> = (0..b * t).map(|i| (i * 5 + 1) % 11).collect();
+    let targets: Vec<Option<usize>> = (0..b * t)
+        .map(|i| if i % 4 == 3 { None } else { Some((i * 3) % 11) })
+        .collect();
+    let grads = alloc_grads(&mut m).unwrap();
+    let l = cross_entropy(m.forward_train(&tokens, b, t, grads).unwrap(), &targets).unwrap();
+    let g = l.backward();
+    let mut grab = Grab(&g, BTreeMap::new());
+    m.visit_params("", &mut grab).unwrap();
+    let analytic = grab.1;
+    assert_eq!(analytic.len(), m.param_names().len());
+    let worst = fd_all(&mut m, &analytic, |m| {
+        cross_entropy(m.forward(&tokens, b, t).unwrap(), &targets)
+            .unwrap()
+            .as_vec()[0]
+    });
+    println!(
+        "whole model: worst relative error {worst:.2e} over {} tensors",
+        analytic.len()
+    );
+}
+
+type Bidi = BidirectionalBlock<16, 8, 16, 2, 24, 4, 2, f64, Cpu>;
+
+fn bidi(seed: u64) -> Bidi {
+    let dev: Cpu = Default::default();
+    let conf = ModelConf {
+        swiglu: false,
+        ..ModelConf::default()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut blk = Bidi::new(&dev, &mut rng, &conf, 0);
+    blk.visit_params(
+        "",
+        &mut Randomize(rand::rngs::StdRng::seed_from_u64(seed + 1)),
+    )
+    .unwrap();
+    blk
+}
+
+#[test]
+fn bidirectional_block_gradients_match_finite_differences() {
+    let dev: Cpu = Default::default();
+    let mut blk = bidi(2);
+    let t = 13; // one full chunk of 8 and a partial one: padded keys must be masked
+    let x: Tensor<(usize, usize, Const<16>), f64, _> = dev.sample_normal_like(&(2, t, Const));
+    let w: Tensor<(usize, usize, Const<16>), f64, _> = dev.sample_normal_like(&(2, t, Const));
+    let out = blk.forward(x.leaky_trace(), 8).unwrap();
+    let g = (out * w.clone()).sum().backward();
+    let gx = g.get(&x).as_vec();
+    let mut grab = Grab(&g, BTreeMap::new());
+    blk.visit_params("", &mut grab).unwrap();
+    let analytic = grab.1;
+    let worst = fd_all(&mut blk, &analytic, |b| {
+        (b.forward(x.clone(), 8).unwrap() * w.clone())
+            .sum::<Rank0, _>()
+            .as_vec()[0]
+    });
+    println!("bidirectional block: worst relative error {worst:.2e}");
+    // input gradient
+    let xv = x.as_vec();
+    let scale = gx.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    for i in [0usize, 77, 200, 2 * t * 16 - 1] {
+        let f = |d: f64| {
+            let mut v = xv.clone();
+            v[i] += d;
+            (blk.forward(dev.tensor_from_vec(v, (2, t, Const::<16>)), 8)
+                .unwrap()
+                * w.clone())
+            .sum::<Rank0, _>()
+            .as_vec()[0]
+        };
+        let fd = (f(1e-5) - f(-1e-5)) / 2e-5;
+        assert!(
+            (fd - gx[i]).abs() / scale < 1e-5,
+            "x[{i}]: {} vs {fd}",
+            gx[i]
+        );
+    }
+}
+
+#[test]
+fn bidirectional_block_sees_the_future_and_reversal_swaps_directions() {
+    let dev: Cpu = Default::default();
+    let blk = bidi(4);
+    let t = 16;
+    let x: Tensor<(usize, usize, Const<16>), f64, _> = dev.sample_normal_like(&(1, t, Const));
+    let mut xv = x.as_vec();
+    let y0 = blk.forward(x.clone(), 8).unwrap().as_vec();
+    // non-causal: changing the last step changes the first step's output
+    xv[(t - 1) * 16] += 1.0;
+    let y1 = blk
+        .forward(dev.tensor_from_vec(xv, (1, t, Const::<16>)), 8)
+        .unwrap()
+        .as_vec();
+    assert!(
+        (y0[0] - y1[0]).abs() > 1e-6,
+        "bidirectional block must see later steps"
+    );
+
+    // reversing the input in time swaps the roles of the two CEMA directions
+    let rev = |v: &[f64]| -> Vec<f64> {
+        (0..t)
+            .rev()
+            .flat_map(|s| v[s * 16..(s + 1) * 16].to_vec())
+            .collect()
+    };
+    let mut swapped = bidi(4);
+    std::mem::swap(&mut swapped.cema, &mut swapped.cema_rev);
+    let e = blk.bidirectional_ema(x.clone()).unwrap().as_vec();
+    let xr = dev.tensor_from_vec(rev(&x.as_vec()), (1, t, Const::<16>));
+    let er = rev(&swapped.bidirectional_ema(xr).unwrap().as_vec());
+    let d = e
+        .iter()
+        .zip(&er)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        d < 1e-10,
+        "reversed input with swapped directions differs by {d}"
+    );
+}
