@@ -164,9 +164,7 @@ fn wrong_weight_shape_names_key_and_shapes() {
     save_run(dir.path().join("ok").as_path(), &conf, &mut m).unwrap();
     let err = format!(
         "{:#}",
-        load_run_weights(dir.path(), &mut m)
-            .err()
-            .expect("must fail")
+        load_run_weights(dir.path(), &mut m).expect_err("must fail")
     );
     assert!(
         err.contains("layers.1.mega.wz.weight") && err.contains("16") && err.contains("32"),
@@ -185,9 +183,7 @@ fn corrupt_file_names_the_file() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let err = format!(
         "{:#}",
-        load_run_weights(dir.path(), &mut m)
-            .err()
-            .expect("must fail")
+        load_run_weights(dir.path(), &mut m).expect_err("must fail")
     );
     assert!(err.contains("model.safetensors"), "{err}");
 }

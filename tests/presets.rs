@@ -90,8 +90,7 @@ fn bad_tokens_are_errors_not_panics() {
     let m = Tiny::<f32, Cpu>::new(&dev, Tiny::<f32, Cpu>::default_conf(TINY_CHUNK, 50), 0).unwrap();
     let err = m
         .forward(&[1, 2, 50], 1, 3)
-        .err()
-        .expect("must fail")
+        .expect_err("must fail")
         .to_string();
     assert!(err.contains("50") && err.contains("vocabulary"), "{err}");
     assert!(m.forward(&[1, 2], 1, 3).is_err());
