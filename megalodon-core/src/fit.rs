@@ -8,6 +8,7 @@
 //! reproduces it.
 
 use crate::checkpoint::write_atomic;
+use crate::device::MegaDevice;
 use crate::nn::model::{cross_entropy, Megalodon};
 use crate::params::alloc_grads;
 use crate::train::{load_checkpoint, save_checkpoint, AdamW, OptimConf, TrainState};
@@ -77,7 +78,7 @@ pub fn train_step<
     const N: usize,
     const G: usize,
     E: Float,
-    D: Device<E>,
+    D: MegaDevice<E>,
 >(
     model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
     opt: &mut AdamW<E, D>,
@@ -116,7 +117,7 @@ pub fn fit<
     const N: usize,
     const G: usize,
     E: Float,
-    D: Device<E>,
+    D: MegaDevice<E>,
 >(
     model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
     optim: OptimConf,
@@ -192,7 +193,7 @@ pub fn checkpoint<
     const N: usize,
     const G: usize,
     E: Float,
-    D: Device<E>,
+    D: MegaDevice<E>,
 >(
     out: &Path,
     model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod fit;
 pub mod golden;
 pub mod nn;

@@ -6,6 +6,7 @@
 use super::cema::{CemaState, MultiHeadComplexEma};
 use super::layers::{rms_normalize, silu, Linear, RmsNorm, Seq};
 use super::timestep_norm::{NormState, TimestepNorm};
+use crate::device::{BlockMask, MegaDevice};
 use crate::params::{join, ParamVisitor, Params};
 use crate::util::{c, to_f64, Float};
 use anyhow::{ensure, Result};
@@ -68,7 +69,7 @@ impl Rope {
     }
 
     /// Rotates `x (B, T, H, dz)`; `positions` has length T (within-chunk positions).
-    pub fn apply<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
+    pub fn apply<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
         &self,
         x: Heads<H, E, D, T>,
         positions: &[usize],
@@ -122,7 +123,7 @@ impl<const H: usize, E: Dtype, D: Device<E>> KvCache<H, E, D> {
 }
 
 /// Zero-pads `x (B, L, H, d)` along time with `front` and `back` steps.
-fn pad_time<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
+fn pad_time<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
     x: Heads<H, E, D, T>,
     front: usize,
     back: usize,
@@ -139,10 +140,6 @@ fn pad_time<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
         x = (x, z.retaped::<T>()).concat_along(Axis::<1>);
     }
     x
-}
-
-fn neg_inf<E: Float>() -> E {
-    <E as num_traits::Float>::neg_infinity()
 }
 
 /// Which keys a query may see inside its chunk.
@@ -162,7 +159,7 @@ pub enum Masking {
 /// works: the last partial chunk is padded internally and masked. Cost is O((c + T) * chunk).
 /// Returns `A (B, T, H, dv)` and the cache after the call (`None` when the chunk is complete).
 #[allow(clippy::type_complexity)]
-pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
+pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
     q: Heads<H, E, D, T>,
     k: Heads<H, E, D, T>,
     v: Heads<H, E, D, T>,
@@ -192,7 +189,6 @@ pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
             cc.k.shape().0
         );
     }
-    let dev = q.device().clone();
     let positions: Vec<usize> = (cl..cl + t).map(|p| p % chunk).collect();
     let qr = rope.apply(q, &positions);
     let kr = rope.apply(k, &positions);
@@ -219,22 +215,14 @@ pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
 
     if l <= chunk {
         // one (partial) chunk: only the T new queries are computed
-        let mut mask = vec![c::<E>(0.0); t * l];
-        if masking == Masking::Causal {
-            for i in 0..t {
-                for j in (cl + i + 1)..l {
-                    mask[i * l + j] = neg_inf();
-                }
-            }
-        }
-        let mask: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(mask, (t, l));
+        let mask = BlockMask {
+            causal_offset: (masking == Masking::Causal).then_some(cl),
+            valid_keys: None,
+        };
         let qh = qr.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, T, dz)
-        let kh = k_all.permute::<_, Axes4<0, 2, 3, 1>>(); // (B, H, dz, L)
-        let s = qh.matmul(kh); // (B, H, T, L)
-        let shape = *s.shape();
-        let p = (s + mask.broadcast_like::<_, Axes2<0, 1>>(&shape)).softmax::<Axis<3>>();
+        let kh = k_all.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, L, dz)
         let vh = v_all.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, L, dv)
-        let a = p.matmul(vh).permute::<_, Axes4<0, 2, 1, 3>>(); // (B, T, H, dv)
+        let a = D::block_attention(qh, kh, vh, &mask)?.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, T, H, dv)
         return Ok((a.reshape_like(&(b, t, Const::<H>, dv)), new_cache));
     }
 
@@ -245,48 +233,40 @@ pub fn chunked_attention<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
     let q_all = pad_time(qr, cl, lp - l);
     let k_all = pad_time(k_all, 0, lp - l);
     let v_all = pad_time(v_all, 0, lp - l);
-    let mut mask = vec![c::<E>(0.0); chunk * chunk];
-    for i in 0..chunk {
-        for j in 0..chunk {
-            let hide = match masking {
-                Masking::Causal => j > i,
-                // padded keys of the last chunk
-                Masking::Full => false,
-            };
-            if hide {
-                mask[i * chunk + j] = neg_inf();
-            }
-        }
-    }
     let bn = b * nc;
+    let valid_keys = (lp > l).then(|| {
+        (0..bn)
+            .map(|i| {
+                if i % nc == nc - 1 {
+                    l - (nc - 1) * chunk
+                } else {
+                    chunk
+                }
+            })
+            .collect()
+    });
+    let mask = match masking {
+        // causal masking already hides the padded keys from every real query
+        Masking::Causal => BlockMask {
+            causal_offset: Some(0),
+            valid_keys: None,
+        },
+        Masking::Full => BlockMask {
+            causal_offset: None,
+            valid_keys,
+        },
+    };
     let q4 = q_all
         .reshape_like(&(bn, chunk, Const::<H>, dz))
         .permute::<_, Axes4<0, 2, 1, 3>>();
     let k4 = k_all
         .reshape_like(&(bn, chunk, Const::<H>, dz))
-        .permute::<_, Axes4<0, 2, 3, 1>>();
-    let s = q4.matmul(k4); // (B*nc, H, C, C)
-    let shape = *s.shape();
-    let s = if masking == Masking::Full && lp > l {
-        // hide the padded keys of each row's last chunk
-        let mut km = vec![c::<E>(0.0); bn * chunk];
-        for bi in 0..b {
-            for j in (l - (nc - 1) * chunk)..chunk {
-                km[(bi * nc + nc - 1) * chunk + j] = neg_inf();
-            }
-        }
-        let km: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(km, (bn, chunk));
-        s + km.broadcast_like::<_, Axes2<1, 2>>(&shape)
-    } else {
-        let mask: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(mask, (chunk, chunk));
-        s + mask.broadcast_like::<_, Axes2<0, 1>>(&shape)
-    };
-    let p = s.softmax::<Axis<3>>();
+        .permute::<_, Axes4<0, 2, 1, 3>>();
     let v4 = v_all
         .reshape_like(&(bn, chunk, Const::<H>, dv))
         .permute::<_, Axes4<0, 2, 1, 3>>();
-    let a = p
-        .matmul(v4)
+    let a = D::block_attention(q4, k4, v4, &mask)?; // (B*nc, H, C, dv)
+    let a = a
         .permute::<_, Axes4<0, 2, 1, 3>>()
         .reshape_like(&(b, lp, Const::<H>, dv));
     let a = a
@@ -311,8 +291,14 @@ pub struct LayerState<
     pub kv: Option<KvCache<H, E, D>>,
 }
 
-impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    LayerState<M, H, N, G, E, D>
+impl<
+        const M: usize,
+        const H: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: MegaDevice<E>,
+    > LayerState<M, H, N, G, E, D>
 {
     pub fn new(dev: &D, batch: usize) -> Self {
         Self {
@@ -376,7 +362,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
 {
     const TYPE_CHECK: () = assert!(
@@ -512,7 +498,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > Params<E, D> for MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {

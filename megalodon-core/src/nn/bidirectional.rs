@@ -22,6 +22,7 @@ use super::layers::{rms_normalize, silu, Linear, RmsNorm, Seq};
 use super::nffn::NormalizedFfn;
 use super::timestep_norm::SequenceNorm;
 use crate::config::ModelConf;
+use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
 use crate::util::{c, Float};
 use anyhow::Result;
@@ -65,7 +66,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > BidirectionalBlock<M, Z, V, H, F, N, G, E, D>
 {
     const TYPE_CHECK: () = assert!(
@@ -107,8 +108,8 @@ impl<
         &self,
         xn: Seq<M, E, D, T>,
     ) -> Result<Seq<M, E, D, T>> {
-        let (fwd, _) = self.cema.try_forward(xn.retaped::<T>(), None, false)?;
-        let bwd = self.cema_rev.try_forward_anticausal(xn)?;
+        let (fwd, _) = D::cema(&self.cema, xn.retaped::<T>(), None, false)?;
+        let bwd = D::cema_anticausal(&self.cema_rev, xn)?;
         Ok(fwd + bwd)
     }
 
@@ -161,7 +162,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > Params<E, D> for BidirectionalBlock<M, Z, V, H, F, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {

@@ -5,6 +5,7 @@ use super::attention::{LayerState, MovingAverageGatedAttention, Probe};
 use super::layers::Seq;
 use super::nffn::NormalizedFfn;
 use crate::config::ModelConf;
+use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
 use crate::util::Float;
 use anyhow::Result;
@@ -37,7 +38,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > MegaBlock<M, Z, V, H, F, N, G, E, D>
 {
     /// Official initialisation of layer `layer_id` under `conf`.
@@ -82,7 +83,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > Params<E, D> for MegaBlock<M, Z, V, H, F, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {

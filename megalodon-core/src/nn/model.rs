@@ -6,6 +6,7 @@ use super::block::MegaBlock;
 use super::layers::{normal_vec, Seq};
 use super::timestep_norm::{NormState, TimestepNorm};
 use crate::config::{Dims, ModelConf};
+use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
 use crate::util::{c, Float};
 use anyhow::{bail, ensure, Result};
@@ -58,8 +59,14 @@ pub struct ModelState<
     pub position: usize,
 }
 
-impl<const M: usize, const H: usize, const N: usize, const G: usize, E: Float, D: Device<E>>
-    ModelState<M, H, N, G, E, D>
+impl<
+        const M: usize,
+        const H: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: MegaDevice<E>,
+    > ModelState<M, H, N, G, E, D>
 {
     /// Bytes held by the state.
     pub fn bytes(&self) -> usize {
@@ -102,7 +109,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     /// The compile-time widths of this model type.
@@ -283,7 +290,7 @@ impl<
 
 /// Mean token cross entropy of `logits (B, T, V)` against `targets` (row-major `B x T`);
 /// targets equal to `ignore` (the official -100, here any sentinel >= V) are skipped.
-pub fn cross_entropy<E: Float, D: Device<E>, T: Tape<E, D>>(
+pub fn cross_entropy<E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
     logits: Logits<E, D, T>,
     targets: &[Option<usize>],
 ) -> Result<Tensor<Rank0, E, D, T>> {
@@ -331,7 +338,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > Params<E, D> for Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
@@ -387,7 +394,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > crate::checkpoint::HasBuffers for Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     /// The official buffers: `rope.freqs`, and the (zero, unused) TimestepNorm priors.
@@ -430,7 +437,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: Device<E>,
+        D: MegaDevice<E>,
     > Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     /// Writes `config.json` and `model.safetensors` (official key names) into `dir`, atomically.
