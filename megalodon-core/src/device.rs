@@ -66,8 +66,31 @@ pub trait MegaDevice<E: Float>: Device<E> + Sized {
     }
 }
 
-impl MegaDevice<f32> for Cpu {}
-impl MegaDevice<f64> for Cpu {}
+macro_rules! cpu_mega_device {
+    ($e:ty) => {
+        impl MegaDevice<$e> for Cpu {
+            #[allow(clippy::type_complexity)]
+            fn cema<const M: usize, const N: usize, T: Tape<$e, Self>>(
+                ema: &MultiHeadComplexEma<M, N, $e, Self>,
+                u: Seq<M, $e, Self, T>,
+                h0: Option<CemaState<M, N, $e, Self, T>>,
+                want_state: bool,
+            ) -> Result<(Seq<M, $e, Self, T>, Option<CemaState<M, N, $e, Self, T>>)> {
+                crate::ops::cema_cpu::cema(ema, u, h0, want_state)
+            }
+
+            fn cema_anticausal<const M: usize, const N: usize, T: Tape<$e, Self>>(ema: &MultiHeadComplexEma<M, N, $e, Self>, u: Seq<M, $e, Self, T>) -> Result<Seq<M, $e, Self, T>> {
+                crate::ops::cema_cpu::cema_anticausal(ema, u)
+            }
+
+            fn block_attention<const H: usize, T: Tape<$e, Self>>(q: Blocks<H, $e, Self, T>, k: Blocks<H, $e, Self, T>, v: Blocks<H, $e, Self, T>, mask: &BlockMask) -> Result<Blocks<H, $e, Self, T>> {
+                crate::ops::attention_cpu::block_attention(q, k, v, mask)
+            }
+        }
+    };
+}
+cpu_mega_device!(f32);
+cpu_mega_device!(f64);
 
 #[cfg(feature = "cuda")]
 impl MegaDevice<f32> for Cuda {}

@@ -11,6 +11,7 @@ pub mod device;
 pub mod fit;
 pub mod golden;
 pub mod nn;
+pub mod ops;
 pub mod params;
 pub mod presets;
 pub mod tasks;
