@@ -273,7 +273,12 @@ fn attention_unit_matches_official_outputs_and_gradients() {
     let rf = g.tensor(&["rope_freqs"]).unwrap().data;
     assert!(
         max_abs_diff(
-            &att.rope.freqs.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            &att.proj
+                .rope
+                .freqs
+                .iter()
+                .map(|&x| x as f64)
+                .collect::<Vec<_>>(),
             &rf
         ) < 1e-7
     );

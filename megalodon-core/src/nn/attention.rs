@@ -323,23 +323,19 @@ impl<
     }
 }
 
-/// The attention half of a Megalodon layer (`MovingAverageGatedAttention`), returning
-/// `Y = X + MX Wh1^T + bh1 + (A * R) Wh2^T`.
-///
-/// Generics: `M` model_dim, `Z` z_dim, `V` value_dim, `H` num_heads, `N` cema_ndim, `G`
-/// norm_num_groups.
-pub struct MovingAverageGatedAttention<
+/// The projections, shared Z, chunked attention and output gate of a Megalodon attention unit,
+/// everything after the CEMA: `Y = X + MX Wh1^T + bh1 + (attn(Q, K, silu(Xn Wv^T)) * R) Wh2^T`
+/// with `MX = RMSNorm(M)`. Shared by the causal unit and the bidirectional block; its parameter
+/// names sit directly under the unit's prefix (`gamma`, `beta`, `rmsnorm`, `wv`, `wz`, `wr`,
+/// `wh1`, `wh2`), as in the official state dict.
+pub struct GatedProjections<
     const M: usize,
     const Z: usize,
     const V: usize,
     const H: usize,
-    const N: usize,
-    const G: usize,
     E: Dtype,
     D: Device<E>,
 > {
-    pub timenorm: TimestepNorm<M, G, E, D>,
-    pub cema: MultiHeadComplexEma<M, N, E, D>,
     pub rmsnorm: RmsNorm<M, E, D>,
     pub wv: Linear<M, V, E, D>,
     pub wz: Linear<M, Z, E, D>,
@@ -359,24 +355,20 @@ impl<
         const Z: usize,
         const V: usize,
         const H: usize,
-        const N: usize,
-        const G: usize,
         E: Float,
         D: MegaDevice<E>,
-    > MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
+    > GatedProjections<M, Z, V, H, E, D>
 {
     const TYPE_CHECK: () = assert!(
         H > 0 && Z.is_multiple_of(H) && V.is_multiple_of(H) && (Z / H).is_multiple_of(2),
         "num_heads must divide z_dim and value_dim, and z_dim / num_heads must be even"
     );
 
-    /// Official initialisation.
+    /// Official initialisation ("he" linears, zero biases, gamma and beta).
     pub fn new(dev: &D, rng: &mut impl Rng, eps: f64, rope_base: f64) -> Self {
         #[allow(clippy::let_unit_value)]
         let _ = Self::TYPE_CHECK;
         Self {
-            timenorm: TimestepNorm::new(dev, eps),
-            cema: MultiHeadComplexEma::new(dev, rng),
             rmsnorm: RmsNorm::new(dev, eps),
             wv: Linear::new(dev, rng, true),
             wz: Linear::new(dev, rng, true),
@@ -422,16 +414,110 @@ impl<
         )
     }
 
+    /// `x`: unit input, `xn`: its normalised form (values come from it), `m`: the CEMA output.
+    /// Returns `Y` and the KV cache after the call (see [`chunked_attention`]).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn forward<T: Tape<E, D>>(
+        &self,
+        x: Seq<M, E, D, T>,
+        xn: Seq<M, E, D, T>,
+        m: Seq<M, E, D, T>,
+        chunk: usize,
+        cache: Option<&KvCache<H, E, D>>,
+        masking: Masking,
+        probe: &mut Option<&mut Probe>,
+    ) -> Result<(Seq<M, E, D, T>, Option<KvCache<H, E, D>>)> {
+        let (b, t, _) = *x.shape();
+        let mx = self.rmsnorm.forward(m);
+        Probe::put(probe, "MX", &mx);
+        let (q, k) = self.queries_keys(mx.retaped::<T>(), probe);
+        let vv = silu(self.wv.forward(xn));
+        Probe::put(probe, "Vv", &vv);
+        let r = silu(self.wr.forward(mx.retaped::<T>()));
+        Probe::put(probe, "R", &r);
+        let (a, kv) = chunked_attention(
+            q,
+            k,
+            vv.reshape_like(&(b, t, Const::<H>, V / H)),
+            cache,
+            chunk,
+            &self.rope,
+            masking,
+        )?;
+        let a = a.reshape_like(&(b, t, Const::<V>));
+        Probe::put(probe, "A", &a);
+        let y = x + self.wh1.forward(mx) + self.wh2.forward(a * r);
+        Probe::put(probe, "Y", &y);
+        Ok((y, kv))
+    }
+}
+
+impl<const M: usize, const Z: usize, const V: usize, const H: usize, E: Float, D: Device<E>>
+    Params<E, D> for GatedProjections<M, Z, V, H, E, D>
+{
+    fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
+        v.visit(&join(prefix, "gamma"), &mut self.gamma)?;
+        v.visit(&join(prefix, "beta"), &mut self.beta)?;
+        self.rmsnorm.visit_params(&join(prefix, "rmsnorm"), v)?;
+        self.wv.visit_params(&join(prefix, "wv"), v)?;
+        self.wz.visit_params(&join(prefix, "wz"), v)?;
+        self.wr.visit_params(&join(prefix, "wr"), v)?;
+        self.wh1.visit_params(&join(prefix, "wh1"), v)?;
+        self.wh2.visit_params(&join(prefix, "wh2"), v)
+    }
+}
+
+/// The attention half of a Megalodon layer (`MovingAverageGatedAttention`): TimestepNorm, CEMA,
+/// then [`GatedProjections`]; returns `Y = X + MX Wh1^T + bh1 + (A * R) Wh2^T`.
+///
+/// Generics: `M` model_dim, `Z` z_dim, `V` value_dim, `H` num_heads, `N` cema_ndim, `G`
+/// norm_num_groups.
+pub struct MovingAverageGatedAttention<
+    const M: usize,
+    const Z: usize,
+    const V: usize,
+    const H: usize,
+    const N: usize,
+    const G: usize,
+    E: Dtype,
+    D: Device<E>,
+> {
+    pub timenorm: TimestepNorm<M, G, E, D>,
+    pub cema: MultiHeadComplexEma<M, N, E, D>,
+    pub proj: GatedProjections<M, Z, V, H, E, D>,
+}
+
+impl<
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: MegaDevice<E>,
+    > MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
+{
+    /// Official initialisation.
+    pub fn new(dev: &D, rng: &mut impl Rng, eps: f64, rope_base: f64) -> Self {
+        let timenorm = TimestepNorm::new(dev, eps);
+        let cema = MultiHeadComplexEma::new(dev, rng);
+        Self {
+            timenorm,
+            cema,
+            proj: GatedProjections::new(dev, rng, eps, rope_base),
+        }
+    }
+
     /// Forward over `x (B, T, M)`. With `state`, continues the stream it describes and updates it
     /// (streaming inference); without, the call starts a fresh stream (training).
-    pub fn forward<T: Tape<E, D> + Merge<NoneTape>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
         x: Seq<M, E, D, T>,
         chunk: usize,
         state: Option<&mut LayerState<M, H, N, G, E, D>>,
         mut probe: Option<&mut Probe>,
     ) -> Result<Seq<M, E, D, T>> {
-        let (b, t, _) = *x.shape();
         let (norm0, h0, kv) = match &state {
             Some(s) => (
                 Some(NormState {
@@ -449,31 +535,11 @@ impl<
         };
         let (xn, norm1) = self.timenorm.try_forward(x.retaped::<T>(), norm0, None)?;
         Probe::put(&mut probe, "Xn", &xn);
-        let (m, h1) = self
-            .cema
-            .try_forward(xn.retaped::<T>(), h0, state.is_some())?;
+        let (m, h1) = D::cema(&self.cema, xn.retaped::<T>(), h0, state.is_some())?;
         Probe::put(&mut probe, "M", &m);
-        let mx = self.rmsnorm.forward(m);
-        Probe::put(&mut probe, "MX", &mx);
-        let (q, k) = self.queries_keys(mx.retaped::<T>(), &mut probe);
-        let vv = silu(self.wv.forward(xn));
-        Probe::put(&mut probe, "Vv", &vv);
-        let r = silu(self.wr.forward(mx.retaped::<T>()));
-        Probe::put(&mut probe, "R", &r);
-        let dv = V / H;
-        let (a, kv1) = chunked_attention(
-            q,
-            k,
-            vv.reshape_like(&(b, t, Const::<H>, dv)),
-            kv,
-            chunk,
-            &self.rope,
-            Masking::Causal,
-        )?;
-        let a = a.reshape_like(&(b, t, Const::<V>));
-        Probe::put(&mut probe, "A", &a);
-        let y = x + self.wh1.forward(mx) + self.wh2.forward(a * r);
-        Probe::put(&mut probe, "Y", &y);
+        let (y, kv1) = self
+            .proj
+            .forward(x, xn, m, chunk, kv, Masking::Causal, &mut probe)?;
         if let Some(s) = state {
             s.norm = NormState {
                 count: norm1.count,
@@ -502,15 +568,8 @@ impl<
     > Params<E, D> for MovingAverageGatedAttention<M, Z, V, H, N, G, E, D>
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
-        v.visit(&join(prefix, "gamma"), &mut self.gamma)?;
-        v.visit(&join(prefix, "beta"), &mut self.beta)?;
         self.timenorm.visit_params(&join(prefix, "timenorm"), v)?;
         self.cema.visit_params(&join(prefix, "cema"), v)?;
-        self.rmsnorm.visit_params(&join(prefix, "rmsnorm"), v)?;
-        self.wv.visit_params(&join(prefix, "wv"), v)?;
-        self.wz.visit_params(&join(prefix, "wz"), v)?;
-        self.wr.visit_params(&join(prefix, "wr"), v)?;
-        self.wh1.visit_params(&join(prefix, "wh1"), v)?;
-        self.wh2.visit_params(&join(prefix, "wh2"), v)
+        self.proj.visit_params(prefix, v)
     }
 }

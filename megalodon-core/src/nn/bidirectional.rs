@@ -16,15 +16,15 @@
 //!
 //! There is no streaming state: a classifier sees the whole input at once.
 
-use super::attention::{chunked_attention, Heads, Masking, Rope};
+use super::attention::{GatedProjections, Masking};
 use super::cema::MultiHeadComplexEma;
-use super::layers::{rms_normalize, silu, Linear, RmsNorm, Seq};
+use super::layers::Seq;
 use super::nffn::NormalizedFfn;
 use super::timestep_norm::SequenceNorm;
 use crate::config::ModelConf;
 use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
-use crate::util::{c, Float};
+use crate::util::Float;
 use anyhow::Result;
 use dfdx::prelude::*;
 use rand::Rng;
@@ -44,17 +44,8 @@ pub struct BidirectionalBlock<
     pub norm: SequenceNorm<M, G, E, D>,
     pub cema: MultiHeadComplexEma<M, N, E, D>,
     pub cema_rev: MultiHeadComplexEma<M, N, E, D>,
-    pub rmsnorm: RmsNorm<M, E, D>,
-    pub wv: Linear<M, V, E, D>,
-    pub wz: Linear<M, Z, E, D>,
-    pub wr: Linear<M, V, E, D>,
-    pub wh1: Linear<M, M, E, D>,
-    pub wh2: Linear<V, M, E, D>,
-    pub gamma: Tensor<Rank2<2, Z>, E, D>,
-    pub beta: Tensor<Rank2<2, Z>, E, D>,
+    pub proj: GatedProjections<M, Z, V, H, E, D>,
     pub nffn: NormalizedFfn<M, F, E, D>,
-    pub eps: f64,
-    pub rope: Rope,
 }
 
 impl<
@@ -69,86 +60,53 @@ impl<
         D: MegaDevice<E>,
     > BidirectionalBlock<M, Z, V, H, F, N, G, E, D>
 {
-    const TYPE_CHECK: () = assert!(
-        H > 0 && Z.is_multiple_of(H) && V.is_multiple_of(H) && (Z / H).is_multiple_of(2) && G > 0 && M.is_multiple_of(G),
-        "num_heads must divide z_dim and value_dim (z_dim / num_heads even); norm_num_groups must divide model_dim"
-    );
-
     /// Official-style initialisation (as the causal block) of layer `layer_id`.
     pub fn new(dev: &D, rng: &mut impl Rng, conf: &ModelConf, layer_id: usize) -> Self {
-        #[allow(clippy::let_unit_value)]
-        let _ = Self::TYPE_CHECK;
         let eps = conf.norm_eps;
-        Self {
-            norm: SequenceNorm::new(dev, eps),
-            cema: MultiHeadComplexEma::new(dev, rng),
-            cema_rev: MultiHeadComplexEma::new(dev, rng),
-            rmsnorm: RmsNorm::new(dev, eps),
-            wv: Linear::new(dev, rng, true),
-            wz: Linear::new(dev, rng, true),
-            wr: Linear::new(dev, rng, true),
-            wh1: Linear::new(dev, rng, true),
-            wh2: Linear::new(dev, rng, false),
-            gamma: dev.zeros(),
-            beta: dev.zeros(),
-            nffn: NormalizedFfn::new(
-                dev,
-                rng,
-                eps,
-                conf.swiglu,
-                conf.rescale_nffn.then_some(layer_id),
-            ),
+        let norm = SequenceNorm::new(dev, eps);
+        let cema = MultiHeadComplexEma::new(dev, rng);
+        let cema_rev = MultiHeadComplexEma::new(dev, rng);
+        let proj = GatedProjections::new(dev, rng, eps, conf.rope_base());
+        let nffn = NormalizedFfn::new(
+            dev,
+            rng,
             eps,
-            rope: Rope::new(Z / H, conf.rope_base()),
+            conf.swiglu,
+            conf.rescale_nffn.then_some(layer_id),
+        );
+        Self {
+            norm,
+            cema,
+            cema_rev,
+            proj,
+            nffn,
         }
     }
 
     /// The two-way CEMA: `cema(x) + cema_rev` run backward in time.
-    pub fn bidirectional_ema<T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
-        &self,
-        xn: Seq<M, E, D, T>,
-    ) -> Result<Seq<M, E, D, T>> {
+    pub fn bidirectional_ema<T: Tape<E, D>>(&self, xn: Seq<M, E, D, T>) -> Result<Seq<M, E, D, T>> {
         let (fwd, _) = D::cema(&self.cema, xn.retaped::<T>(), None, false)?;
         let bwd = D::cema_anticausal(&self.cema_rev, xn)?;
         Ok(fwd + bwd)
     }
 
     /// `x (B, T, M) -> (B, T, M)` with attention inside chunks of `chunk` positions.
-    pub fn forward<T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
         x: Seq<M, E, D, T>,
         chunk: usize,
     ) -> Result<Seq<M, E, D, T>> {
-        let (b, t, _) = *x.shape();
-        let dev = x.device().clone();
         let xn = self.norm.try_forward(x.retaped::<T>(), None)?;
         let m = self.bidirectional_ema(xn.retaped::<T>())?;
-        let mx = self.rmsnorm.forward(m);
-        let dz = Z / H;
-        let zn = rms_normalize(
-            self.wz
-                .forward(mx.retaped::<T>())
-                .reshape_like(&(b, t, Const::<H>, dz)),
-            self.eps,
-        )
-        .reshape_like(&(b, t, Const::<Z>));
-        let shape = (b, t, Const::<Z>);
-        let scale = c::<E>(1.0 / (dz as f64).sqrt());
-        let row = |p: &Tensor<Rank2<2, Z>, E, D>, i: usize| {
-            p.retaped::<T>()
-                .select(dev.tensor(i))
-                .broadcast_like::<_, Axes2<0, 1>>(&shape)
-        };
-        let q =
-            zn.retaped::<T>() * ((row(&self.gamma, 0) + c::<E>(1.0)) * scale) + row(&self.beta, 0);
-        let k = zn * ((row(&self.gamma, 1) + c::<E>(1.0)) * scale) + row(&self.beta, 1);
-        let q: Heads<H, E, D, T> = q.reshape_like(&(b, t, Const::<H>, dz));
-        let k: Heads<H, E, D, T> = k.reshape_like(&(b, t, Const::<H>, dz));
-        let vv = silu(self.wv.forward(xn)).reshape_like(&(b, t, Const::<H>, V / H));
-        let r = silu(self.wr.forward(mx.retaped::<T>()));
-        let (a, _) = chunked_attention(q, k, vv, None, chunk, &self.rope, Masking::Full)?;
-        let a = a.reshape_like(&(b, t, Const::<V>));
-        let y = x.retaped::<T>() + self.wh1.forward(mx) + self.wh2.forward(a * r);
+        let (y, _) = self.proj.forward(
+            x.retaped::<T>(),
+            xn,
+            m,
+            chunk,
+            None,
+            Masking::Full,
+            &mut None,
+        )?;
         Ok(self.nffn.forward(y, x, &mut None))
     }
 }
@@ -167,17 +125,10 @@ impl<
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
         let p = join(prefix, "mega");
-        v.visit(&join(&p, "gamma"), &mut self.gamma)?;
-        v.visit(&join(&p, "beta"), &mut self.beta)?;
         self.norm.visit_params(&join(&p, "seqnorm"), v)?;
         self.cema.visit_params(&join(&p, "cema"), v)?;
         self.cema_rev.visit_params(&join(&p, "cema_rev"), v)?;
-        self.rmsnorm.visit_params(&join(&p, "rmsnorm"), v)?;
-        self.wv.visit_params(&join(&p, "wv"), v)?;
-        self.wz.visit_params(&join(&p, "wz"), v)?;
-        self.wr.visit_params(&join(&p, "wr"), v)?;
-        self.wh1.visit_params(&join(&p, "wh1"), v)?;
-        self.wh2.visit_params(&join(&p, "wh2"), v)?;
+        self.proj.visit_params(&p, v)?;
         self.nffn.visit_params(&join(prefix, "nffn"), v)
     }
 }
