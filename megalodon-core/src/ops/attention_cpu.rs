@@ -1,9 +1,38 @@
-//! Fused block attention for `Cpu` (placeholder: delegates to the composed reference).
+//! Fused block attention for `Cpu` with a hand-written, flash-attention style backward.
+//!
+//! Forward, per block `bn` and head `h`, in tiles of query rows: `S = Q K^T` (only the key prefix
+//! some row of the tile may see), masked by [`BlockMask::allows`], row softmax `P`, `O = P V`.
+//! Only `O` (shared with the returned tensor) and the per-row logsumexp are kept for backward,
+//! O(Bn H Lq) extra instead of the composed op's several `(Bn, H, Lq, Lk)` tensors.
+//!
+//! Backward recomputes `S` and `P` tile by tile from the saved `q`, `k` and logsumexp:
+//! `dV = P^T dO`, `dP = dO V^T`, `D_i = rowsum(dO_i * O_i)`, `dS = P * (dP - D)`, `dQ = dS K`,
+//! `dK = dS^T Q`, and *adds* into the gradients of q, k and v (they may have other consumers).
+//!
+//! Matrix products go through the `gemm` crate (the one dfdx's CPU matmul uses). Blocks run in
+//! parallel on rayon when there are at least as many blocks as threads, otherwise each product
+//! is parallelised by gemm. Scratch memory is two `(TILE, Lk)` buffers per running block.
+//! Rows without any visible key produce zeros and pass zero gradients.
 
-use crate::device::{composed_block_attention, BlockMask, Blocks};
+use crate::device::{BlockMask, Blocks};
 use crate::util::Float;
-use anyhow::Result;
+use anyhow::{anyhow, ensure, Result};
 use dfdx::prelude::*;
+use rayon::prelude::*;
+
+/// Query rows per tile.
+const TILE: usize = 128;
+
+/// Sizes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    bn: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    dz: usize,
+    dv: usize,
+}
 
 /// Block attention on the CPU; same contract as [`crate::device::MegaDevice::block_attention`].
 pub fn block_attention<const H: usize, E: Float, T: Tape<E, Cpu>>(
@@ -14,6 +43,382 @@ pub fn block_attention<const H: usize, E: Float, T: Tape<E, Cpu>>(
 ) -> Result<Blocks<H, E, Cpu, T>>
 where
     Cpu: Device<E>,
+    <Cpu as Storage<E>>::Vec: std::ops::DerefMut<Target = Vec<E>>,
 {
-    composed_block_attention(q, k, v, mask)
+    let (bn, _, lq, dz) = *q.shape();
+    let (kbn, _, lk, kdz) = *k.shape();
+    let (vbn, _, vlk, dv) = *v.shape();
+    ensure!(
+        kbn == bn && vbn == bn && vlk == lk && kdz == dz,
+        "block attention: q {:?}, k {:?}, v {:?} shapes disagree",
+        q.shape(),
+        k.shape(),
+        v.shape()
+    );
+    if let Some(vk) = &mask.valid_keys {
+        ensure!(
+            vk.len() == bn,
+            "block attention: {} valid-key counts for {bn} blocks",
+            vk.len()
+        );
+    }
+    ensure!(
+        lq > 0 && lk > 0 && dz > 0 && dv > 0,
+        "block attention: empty dimension in q {:?}, k {:?}, v {:?}",
+        q.shape(),
+        k.shape(),
+        v.shape()
+    );
+    let dims = Dims {
+        bn,
+        h: H,
+        lq,
+        lk,
+        dz,
+        dv,
+    };
+    // Permuted inputs are stride views; `contiguous` copies them (recording its own backward op
+    // on their tapes) so that host data and gradient buffers are in logical row-major order.
+    let cont = |e| anyhow!("block attention: contiguous copy failed: {e:?}");
+    let (q, tq) = q.try_contiguous().map_err(cont)?.split_tape();
+    let (k, tk) = k.try_contiguous().map_err(cont)?.split_tape();
+    let (v, tv) = v.try_contiguous().map_err(cont)?.split_tape();
+    let mut tape = tq.merge(tk).merge(tv);
+
+    let (qv, kv, vv) = (q.as_vec(), k.as_vec(), v.as_vec());
+    let (ov, lse) = forward(dims, &qv, &kv, &vv, mask);
+    drop((qv, kv, vv));
+    let dev = q.device().clone();
+    let out = dev
+        .try_tensor_from_vec(ov, (bn, Const::<H>, lq, dv))
+        .map_err(|e| anyhow!("block attention: output allocation failed: {e:?}"))?;
+
+    if T::OWNS_TAPE {
+        let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
+        let o_saved = out.clone();
+        let mask = mask.clone();
+        tape.add_backward_op(move |grads| {
+            let (qv, kv, vv, ov) = (q.as_vec(), k.as_vec(), v.as_vec(), o_saved.as_vec());
+            let (dq, dk, dvv) = {
+                let go: &[E] = grads.get_or_alloc_mut(&og)?;
+                assert_eq!(
+                    go.len(),
+                    ov.len(),
+                    "block attention: output gradient length"
+                );
+                backward(dims, &qv, &kv, &vv, &ov, go, &lse, &mask)
+            };
+            drop((qv, kv, vv, ov));
+            for (g, d) in [(&qg, dq), (&kg, dk), (&vg, dvv)] {
+                let buf = grads.get_or_alloc_mut(g)?;
+                assert_eq!(buf.len(), d.len(), "block attention: input gradient length");
+                buf.iter_mut().zip(d).for_each(|(b, x)| *b += x);
+            }
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+/// `dst (m x n) (+)= lhs (m x k) * rhs (k x n)`; every matrix is given as pointer, row stride,
+/// column stride (in elements).
+///
+/// # Safety
+/// Every addressed element must lie inside its allocation, `dst` must not alias `lhs`/`rhs`
+/// and nobody else may access `dst` during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm<E: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut E, usize, usize),
+    accumulate: bool,
+    lhs: (*const E, usize, usize),
+    rhs: (*const E, usize, usize),
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.0.add(i * dst.1 + j * dst.2) = E::zero();
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        E::one(),
+        E::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// For rows `r0..r1` of block `b`: one past the last visible key of each row (0 = none).
+fn key_limits(mask: &BlockMask, b: usize, r0: usize, r1: usize, lk: usize) -> Vec<usize> {
+    (r0..r1)
+        .map(|i| {
+            (0..lk)
+                .rev()
+                .find(|&j| mask.allows(b, i, j))
+                .map_or(0, |j| j + 1)
+        })
+        .collect()
+}
+
+/// Runs `f(block index, per-block chunks...)` over all `(bn, h)` blocks: in parallel over blocks
+/// when there are enough of them, otherwise sequentially with gemm-level parallelism.
+fn for_blocks<E: Float, F>(nblocks: usize, bufs: Vec<(&mut [E], usize)>, f: F)
+where
+    F: Fn(usize, &mut [&mut [E]], gemm::Parallelism) + Sync,
+{
+    let threads = rayon::current_num_threads();
+    // split each buffer into per-block chunks, then transpose to per-block lists
+    let mut per_block: Vec<Vec<&mut [E]>> = (0..nblocks).map(|_| Vec::new()).collect();
+    for (buf, len) in bufs {
+        for (i, c) in buf.chunks_mut(len.max(1)).take(nblocks).enumerate() {
+            per_block[i].push(c);
+        }
+    }
+    if nblocks >= threads || threads == 1 {
+        per_block
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(i, mut c)| f(i, &mut c, gemm::Parallelism::None));
+    } else {
+        for (i, mut c) in per_block.into_iter().enumerate() {
+            f(i, &mut c, gemm::Parallelism::Rayon(threads));
+        }
+    }
+}
+
+/// Returns `(O (Bn, H, Lq, dv), logsumexp (Bn, H, Lq))`.
+fn forward<E: Float>(d: Dims, q: &[E], k: &[E], v: &[E], mask: &BlockMask) -> (Vec<E>, Vec<E>) {
+    let Dims {
+        bn,
+        h,
+        lq,
+        lk,
+        dz,
+        dv,
+    } = d;
+    let nblocks = bn * h;
+    let mut o = vec![E::zero(); nblocks * lq * dv];
+    let mut lse = vec![E::zero(); nblocks * lq];
+    let ninf = E::neg_infinity();
+    for_blocks(
+        nblocks,
+        vec![(&mut o, lq * dv), (&mut lse, lq)],
+        |blk, bufs, par| {
+            let b = blk / h;
+            let qb = &q[blk * lq * dz..(blk + 1) * lq * dz];
+            let kb = &k[blk * lk * dz..(blk + 1) * lk * dz];
+            let vb = &v[blk * lk * dv..(blk + 1) * lk * dv];
+            let (ob, rest) = bufs.split_at_mut(1);
+            let (ob, lb) = (&mut *ob[0], &mut *rest[0]);
+            let mut s = vec![E::zero(); TILE.min(lq) * lk];
+            for r0 in (0..lq).step_by(TILE) {
+                let r1 = (r0 + TILE).min(lq);
+                let rows = r1 - r0;
+                let lim = key_limits(mask, b, r0, r1, lk);
+                let kmax = lim.iter().copied().max().unwrap_or(0);
+                if kmax == 0 {
+                    ob[r0 * dv..r1 * dv].fill(E::zero());
+                    lb[r0..r1].fill(ninf);
+                    continue;
+                }
+                // S = Q[r0..r1] K[..kmax]^T, (rows x kmax) with row stride kmax
+                unsafe {
+                    mm(
+                        (rows, kmax, dz),
+                        (s.as_mut_ptr(), kmax, 1),
+                        false,
+                        (qb.as_ptr().add(r0 * dz), dz, 1),
+                        (kb.as_ptr(), 1, dz),
+                        par,
+                    );
+                }
+                for (ii, i) in (r0..r1).enumerate() {
+                    let row = &mut s[ii * kmax..(ii + 1) * kmax];
+                    let mut m = ninf;
+                    for (j, x) in row.iter_mut().enumerate() {
+                        if j < lim[ii] && mask.allows(b, i, j) {
+                            m = m.max(*x);
+                        } else {
+                            *x = ninf;
+                        }
+                    }
+                    if m == ninf {
+                        row.fill(E::zero());
+                        lb[i] = ninf;
+                        continue;
+                    }
+                    let mut sum = E::zero();
+                    for x in row.iter_mut() {
+                        *x = (*x - m).exp();
+                        sum += *x;
+                    }
+                    let inv = sum.recip();
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    lb[i] = m + sum.ln();
+                }
+                // O[r0..r1] = P V[..kmax]
+                unsafe {
+                    mm(
+                        (rows, dv, kmax),
+                        (ob.as_mut_ptr().add(r0 * dv), dv, 1),
+                        false,
+                        (s.as_ptr(), kmax, 1),
+                        (vb.as_ptr(), dv, 1),
+                        par,
+                    );
+                }
+            }
+        },
+    );
+    (o, lse)
+}
+
+/// Returns `(dQ, dK, dV)` of one call (to be added into the input gradients).
+#[allow(clippy::too_many_arguments)]
+fn backward<E: Float>(
+    d: Dims,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    o: &[E],
+    go: &[E],
+    lse: &[E],
+    mask: &BlockMask,
+) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let Dims {
+        bn,
+        h,
+        lq,
+        lk,
+        dz,
+        dv,
+    } = d;
+    let nblocks = bn * h;
+    let mut dq = vec![E::zero(); nblocks * lq * dz];
+    let mut dk = vec![E::zero(); nblocks * lk * dz];
+    let mut dvv = vec![E::zero(); nblocks * lk * dv];
+    let ninf = E::neg_infinity();
+    for_blocks(
+        nblocks,
+        vec![(&mut dq, lq * dz), (&mut dk, lk * dz), (&mut dvv, lk * dv)],
+        |blk, bufs, par| {
+            let b = blk / h;
+            let qb = &q[blk * lq * dz..(blk + 1) * lq * dz];
+            let kb = &k[blk * lk * dz..(blk + 1) * lk * dz];
+            let vb = &v[blk * lk * dv..(blk + 1) * lk * dv];
+            let ob = &o[blk * lq * dv..(blk + 1) * lq * dv];
+            let gb = &go[blk * lq * dv..(blk + 1) * lq * dv];
+            let lb = &lse[blk * lq..(blk + 1) * lq];
+            let (dqb, rest) = bufs.split_at_mut(1);
+            let (dkb, dvb) = rest.split_at_mut(1);
+            let (dqb, dkb, dvb) = (&mut *dqb[0], &mut *dkb[0], &mut *dvb[0]);
+            let mut p = vec![E::zero(); TILE.min(lq) * lk];
+            let mut ds = vec![E::zero(); TILE.min(lq) * lk];
+            for r0 in (0..lq).step_by(TILE) {
+                let r1 = (r0 + TILE).min(lq);
+                let rows = r1 - r0;
+                let lim = key_limits(mask, b, r0, r1, lk);
+                let kmax = lim.iter().copied().max().unwrap_or(0);
+                if kmax == 0 {
+                    continue;
+                }
+                unsafe {
+                    // S = Q K^T (recomputed) into p
+                    mm(
+                        (rows, kmax, dz),
+                        (p.as_mut_ptr(), kmax, 1),
+                        false,
+                        (qb.as_ptr().add(r0 * dz), dz, 1),
+                        (kb.as_ptr(), 1, dz),
+                        par,
+                    );
+                    // dP = dO V^T into ds
+                    mm(
+                        (rows, kmax, dv),
+                        (ds.as_mut_ptr(), kmax, 1),
+                        false,
+                        (gb.as_ptr().add(r0 * dv), dv, 1),
+                        (vb.as_ptr(), 1, dv),
+                        par,
+                    );
+                }
+                for (ii, i) in (r0..r1).enumerate() {
+                    let prow = &mut p[ii * kmax..(ii + 1) * kmax];
+                    let dsrow = &mut ds[ii * kmax..(ii + 1) * kmax];
+                    let l = lb[i];
+                    if l == ninf {
+                        prow.fill(E::zero());
+                        dsrow.fill(E::zero());
+                        continue;
+                    }
+                    let di = ob[i * dv..(i + 1) * dv]
+                        .iter()
+                        .zip(&gb[i * dv..(i + 1) * dv])
+                        .fold(E::zero(), |acc, (&x, &y)| acc + x * y);
+                    for (j, (x, g)) in prow.iter_mut().zip(dsrow.iter_mut()).enumerate() {
+                        if j < lim[ii] && mask.allows(b, i, j) {
+                            *x = (*x - l).exp();
+                            *g = *x * (*g - di);
+                        } else {
+                            *x = E::zero();
+                            *g = E::zero();
+                        }
+                    }
+                }
+                unsafe {
+                    // dV[..kmax] += P^T dO
+                    mm(
+                        (kmax, dv, rows),
+                        (dvb.as_mut_ptr(), dv, 1),
+                        true,
+                        (p.as_ptr(), 1, kmax),
+                        (gb.as_ptr().add(r0 * dv), dv, 1),
+                        par,
+                    );
+                    // dQ[r0..r1] = dS K[..kmax]
+                    mm(
+                        (rows, dz, kmax),
+                        (dqb.as_mut_ptr().add(r0 * dz), dz, 1),
+                        false,
+                        (ds.as_ptr(), kmax, 1),
+                        (kb.as_ptr(), dz, 1),
+                        par,
+                    );
+                    // dK[..kmax] += dS^T Q[r0..r1]
+                    mm(
+                        (kmax, dz, rows),
+                        (dkb.as_mut_ptr(), dz, 1),
+                        true,
+                        (ds.as_ptr(), 1, kmax),
+                        (qb.as_ptr().add(r0 * dz), dz, 1),
+                        par,
+                    );
+                }
+            }
+        },
+    );
+    (dq, dk, dvv)
 }
