@@ -1,14 +1,61 @@
-//! CEMA scan for `Cpu` (placeholder: delegates to the composed reference).
+//! CEMA scan for `Cpu`: a custom dfdx op with a hand-written backward (spec section 4).
+//!
+//! Same contract as [`MultiHeadComplexEma::try_forward`] / [`MultiHeadComplexEma::try_forward_anticausal`]
+//! (the composed reference), computed by the plain recurrence
+//! `h_t = p u_t + q h_(t-1)`, `y_t = Re(sum_k eta_k h_(t,k)) + omega u_t`
+//! per (batch, channel), in parallel over (batch, block of `DB` channels) on scoped threads.
+//!
+//! * The coefficients `p, q, eta` are derived on the host in f64 from the (tiny, M x N)
+//!   parameter tensors and cast to `E`; the scan runs in `E`.
+//! * Forward keeps the state `h` only at checkpoints every `SEG` steps (when taping), so the
+//!   memory kept for backward is a copy of `u` plus `B M N 2 T / SEG` values.
+//! * Backward runs the adjoint recurrence `lambda_t = conj(eta) gy_t + conj(q) lambda_(t+1)`
+//!   in reverse time, recomputing `h` within each checkpoint segment, accumulates the gradients
+//!   of `p, q, eta, omega` per (batch, channel) (flushed to f64 every segment) and maps them to
+//!   `alpha, delta, theta, gamma` with the chain rule on the host.
+//! * Tapes: the tapes of `u` and `h0` are merged onto `y`, which carries the single backward op.
+//!   The returned state has an empty tape; y's backward op reads the state's gradient through its
+//!   ghost. Ops that consume the state are registered later and so run earlier in backward, so the
+//!   state's gradient is complete when y's op runs (as with the composed reference, the loss
+//!   must include `y` for any gradient to flow). All gradients are accumulated (`+=`).
+//! * The anti-causal variant runs the same recurrence backward in time, without state.
 
 use crate::nn::cema::{CemaState, MultiHeadComplexEma};
 use crate::nn::layers::Seq;
-use crate::util::Float;
-use anyhow::Result;
+use crate::util::{c, Float};
+use anyhow::{ensure, Result};
 use dfdx::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Channels per task (the inner loops run over `DB x N` independent recurrences).
+const DB: usize = 8;
+/// Checkpoint interval in steps.
+const SEG: usize = 64;
+/// Below this many `B T M N` scan steps the op runs on the calling thread.
+const PAR_MIN_WORK: usize = 1 << 16;
+
+/// The float dtypes of the CPU op: gives host access to `Cpu` gradient buffers (whose
+/// concrete type dfdx keeps private).
+pub trait CpuFloat: Float
+where
+    Cpu: Device<Self>,
+{
+    fn host(v: &mut <Cpu as Storage<Self>>::Vec) -> &mut Vec<Self>;
+}
+impl CpuFloat for f32 {
+    fn host(v: &mut <Cpu as Storage<f32>>::Vec) -> &mut Vec<f32> {
+        v
+    }
+}
+impl CpuFloat for f64 {
+    fn host(v: &mut <Cpu as Storage<f64>>::Vec) -> &mut Vec<f64> {
+        v
+    }
+}
 
 /// Causal CEMA on the CPU; same contract as [`crate::device::MegaDevice::cema`].
 #[allow(clippy::type_complexity)]
-pub fn cema<const M: usize, const N: usize, E: Float, T: Tape<E, Cpu>>(
+pub fn cema<const M: usize, const N: usize, E: CpuFloat, T: Tape<E, Cpu>>(
     ema: &MultiHeadComplexEma<M, N, E, Cpu>,
     u: Seq<M, E, Cpu, T>,
     h0: Option<CemaState<M, N, E, Cpu, T>>,
@@ -17,16 +64,579 @@ pub fn cema<const M: usize, const N: usize, E: Float, T: Tape<E, Cpu>>(
 where
     Cpu: Device<E>,
 {
-    ema.try_forward(u, h0, want_state)
+    scan_op(ema, u, h0, want_state, false)
 }
 
 /// Anti-causal CEMA on the CPU; same contract as [`crate::device::MegaDevice::cema_anticausal`].
-pub fn cema_anticausal<const M: usize, const N: usize, E: Float, T: Tape<E, Cpu>>(
+pub fn cema_anticausal<const M: usize, const N: usize, E: CpuFloat, T: Tape<E, Cpu>>(
     ema: &MultiHeadComplexEma<M, N, E, Cpu>,
     u: Seq<M, E, Cpu, T>,
 ) -> Result<Seq<M, E, Cpu, T>>
 where
     Cpu: Device<E>,
 {
-    ema.try_forward_anticausal(u)
+    Ok(scan_op(ema, u, None, false, true)?.0)
+}
+
+/// Host-side coefficients in f64 (for the chain rule) and cast to `E` (for the scan).
+struct Coefs<E> {
+    /// (M N) sigmoid(alpha), sigmoid(delta), |q|, arg q
+    a: Vec<f64>,
+    sd: Vec<f64>,
+    r: Vec<f64>,
+    ang: Vec<f64>,
+    /// (M) sigmoid(theta)
+    sth: Vec<f64>,
+    /// (M N) p, Re q, Im q, Re eta, Im eta in E
+    p: Vec<E>,
+    qr: Vec<E>,
+    qi: Vec<E>,
+    er: Vec<E>,
+    ei: Vec<E>,
+    /// (M) omega in E
+    om: Vec<E>,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn f64s<S: Shape, E: Float, T>(t: &Tensor<S, E, Cpu, T>) -> Vec<f64>
+where
+    Cpu: Device<E>,
+{
+    t.as_vec()
+        .into_iter()
+        .map(|x| x.to_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
+impl<E: Float> Coefs<E> {
+    fn new<const M: usize, const N: usize>(ema: &MultiHeadComplexEma<M, N, E, Cpu>) -> Self
+    where
+        Cpu: Device<E>,
+    {
+        let alpha = f64s(&ema.alpha);
+        let delta = f64s(&ema.delta);
+        let theta = f64s(&ema.theta);
+        let gamma = f64s(&ema.gamma);
+        let omega = f64s(&ema.omega);
+        let a: Vec<f64> = alpha.iter().map(|&x| sigmoid(x)).collect();
+        let sd: Vec<f64> = delta.iter().map(|&x| sigmoid(x)).collect();
+        let r: Vec<f64> = a.iter().zip(&sd).map(|(a, s)| 1.0 - a * s).collect();
+        let sth: Vec<f64> = theta.iter().map(|&x| sigmoid(x)).collect();
+        let base = 2.0 * std::f64::consts::PI / N as f64;
+        let ang: Vec<f64> = (0..M * N)
+            .map(|i| ((i % N) + 1) as f64 * sth[i / N] * base)
+            .collect();
+        let s = 1.0 / (N as f64).sqrt();
+        let e = |v: &mut dyn Iterator<Item = f64>| v.map(c::<E>).collect::<Vec<E>>();
+        Self {
+            p: e(&mut a.iter().copied()),
+            qr: e(&mut r.iter().zip(&ang).map(|(r, a)| r * a.cos())),
+            qi: e(&mut r.iter().zip(&ang).map(|(r, a)| r * a.sin())),
+            er: e(&mut (0..M * N).map(|i| gamma[2 * i] * s)),
+            ei: e(&mut (0..M * N).map(|i| gamma[2 * i + 1] * s)),
+            om: e(&mut omega.iter().copied()),
+            a,
+            sd,
+            r,
+            ang,
+            sth,
+        }
+    }
+}
+
+/// Problem geometry. Task `i` is batch `i / nblk`, channels `DB (i % nblk) ..`.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    m: usize,
+    nblk: usize,
+    rev: bool,
+}
+
+impl Dims {
+    fn tasks(&self) -> usize {
+        self.b * self.nblk
+    }
+    fn task(&self, i: usize) -> (usize, usize, usize) {
+        let bi = i / self.nblk;
+        let d0 = (i % self.nblk) * DB;
+        (bi, d0, DB.min(self.m - d0))
+    }
+    /// Time index of scan step `i`.
+    #[inline(always)]
+    fn time(&self, i: usize) -> usize {
+        if self.rev {
+            self.t - 1 - i
+        } else {
+            i
+        }
+    }
+    fn nseg(&self) -> usize {
+        self.t.div_ceil(SEG)
+    }
+}
+
+/// A raw pointer shared by tasks that touch disjoint elements.
+#[derive(Clone, Copy)]
+struct SyncPtr<E>(*mut E);
+unsafe impl<E> Send for SyncPtr<E> {}
+unsafe impl<E> Sync for SyncPtr<E> {}
+
+/// Runs `f(0..n)` on up to `available_parallelism` scoped threads; results in task order.
+fn par_map<R: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    let threads = if parallel {
+        std::thread::available_parallelism()
+            .map_or(1, |x| x.get())
+            .min(n)
+    } else {
+        1
+    };
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let work = || {
+            let mut v = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break v;
+                }
+                v.push((i, f(i)));
+            }
+        };
+        let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        for (i, r) in work() {
+            out[i] = Some(r);
+        }
+        for h in handles {
+            for (i, r) in h.join().expect("CEMA worker panicked") {
+                out[i] = Some(r);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every task ran"))
+        .collect()
+}
+
+/// Per-task coefficients in fixed-size arrays.
+struct Local<E, const N: usize> {
+    p: [[E; N]; DB],
+    qr: [[E; N]; DB],
+    qi: [[E; N]; DB],
+    er: [[E; N]; DB],
+    ei: [[E; N]; DB],
+    om: [E; DB],
+}
+
+impl<E: Float, const N: usize> Local<E, N> {
+    fn new(co: &Coefs<E>, d0: usize, nb: usize) -> Self {
+        let z = [[E::zero(); N]; DB];
+        let mut l = Self {
+            p: z,
+            qr: z,
+            qi: z,
+            er: z,
+            ei: z,
+            om: [E::zero(); DB],
+        };
+        for dd in 0..nb {
+            let o = (d0 + dd) * N;
+            l.p[dd].copy_from_slice(&co.p[o..o + N]);
+            l.qr[dd].copy_from_slice(&co.qr[o..o + N]);
+            l.qi[dd].copy_from_slice(&co.qi[o..o + N]);
+            l.er[dd].copy_from_slice(&co.er[o..o + N]);
+            l.ei[dd].copy_from_slice(&co.ei[o..o + N]);
+            l.om[dd] = co.om[d0 + dd];
+        }
+        l
+    }
+}
+
+#[inline(always)]
+fn hsum<E: Float, const N: usize>(v: &[E; N]) -> E {
+    let mut a = [E::zero(); 4];
+    for (k, x) in v.iter().enumerate() {
+        a[k % 4] = a[k % 4] + *x;
+    }
+    (a[0] + a[1]) + (a[2] + a[3])
+}
+
+/// What the forward of one task keeps: final state and checkpoints (nseg, nb, N) re/im.
+struct FwdTask<E, const N: usize> {
+    hr: [[E; N]; DB],
+    hi: [[E; N]; DB],
+    ck_r: Vec<E>,
+    ck_i: Vec<E>,
+}
+
+/// Forward scan of one task; writes `y`; keeps checkpoints when `save`.
+#[allow(clippy::too_many_arguments)]
+fn fwd_task<E: Float, const N: usize>(
+    co: &Coefs<E>,
+    dm: &Dims,
+    task: usize,
+    u: &[E],
+    h0: Option<(&[E], &[E])>,
+    y: SyncPtr<E>,
+    save: bool,
+) -> FwdTask<E, N> {
+    let (bi, d0, nb) = dm.task(task);
+    let (t, m) = (dm.t, dm.m);
+    let l = Local::<E, N>::new(co, d0, nb);
+    let mut hr = [[E::zero(); N]; DB];
+    let mut hi = [[E::zero(); N]; DB];
+    if let Some((r, i)) = h0 {
+        for dd in 0..nb {
+            let o = (bi * m + d0 + dd) * N;
+            hr[dd].copy_from_slice(&r[o..o + N]);
+            hi[dd].copy_from_slice(&i[o..o + N]);
+        }
+    }
+    let nseg = dm.nseg();
+    let cap = if save { nseg * nb * N } else { 0 };
+    let (mut ck_r, mut ck_i) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
+    for s in 0..nseg {
+        if save {
+            for dd in 0..nb {
+                ck_r.extend_from_slice(&hr[dd]);
+                ck_i.extend_from_slice(&hi[dd]);
+            }
+        }
+        for i in s * SEG..t.min((s + 1) * SEG) {
+            let row = (bi * t + dm.time(i)) * m + d0;
+            let x = &u[row..row + nb];
+            for dd in 0..nb {
+                let xv = x[dd];
+                let (hr, hi) = (&mut hr[dd], &mut hi[dd]);
+                let mut ys = [E::zero(); N];
+                for k in 0..N {
+                    let nr = l.p[dd][k] * xv + l.qr[dd][k] * hr[k] - l.qi[dd][k] * hi[k];
+                    let ni = l.qr[dd][k] * hi[k] + l.qi[dd][k] * hr[k];
+                    hr[k] = nr;
+                    hi[k] = ni;
+                    ys[k] = l.er[dd][k] * nr - l.ei[dd][k] * ni;
+                }
+                // SAFETY: each task writes only its own (batch, channel) elements.
+                unsafe { *y.0.add(row + dd) = hsum(&ys) + l.om[dd] * xv };
+            }
+        }
+    }
+    FwdTask { hr, hi, ck_r, ck_i }
+}
+
+/// Gradients of one task: coefficient grads (nb N) in f64, omega (nb), d h0 (nb N).
+struct BwdTask {
+    dp: Vec<f64>,
+    dqr: Vec<f64>,
+    dqi: Vec<f64>,
+    der: Vec<f64>,
+    dei: Vec<f64>,
+    dom: Vec<f64>,
+    dh0r: Vec<f64>,
+    dh0i: Vec<f64>,
+}
+
+/// Backward of one task: adds into `gu`, returns the coefficient and h0 gradients.
+#[allow(clippy::too_many_arguments)]
+fn bwd_task<E: Float, const N: usize>(
+    co: &Coefs<E>,
+    dm: &Dims,
+    task: usize,
+    u: &[E],
+    gy: &[E],
+    gh: Option<(&[E], &[E])>,
+    fwd: &FwdTask<E, N>,
+    gu: SyncPtr<E>,
+) -> BwdTask {
+    let (bi, d0, nb) = dm.task(task);
+    let (t, m) = (dm.t, dm.m);
+    let l = Local::<E, N>::new(co, d0, nb);
+    let z = [[E::zero(); N]; DB];
+    // adjoint of the state after the current step (complex: dL/dh_re + i dL/dh_im)
+    let (mut ar, mut ai) = (z, z);
+    if let Some((r, i)) = gh {
+        for dd in 0..nb {
+            let o = (bi * m + d0 + dd) * N;
+            ar[dd].copy_from_slice(&r[o..o + N]);
+            ai[dd].copy_from_slice(&i[o..o + N]);
+        }
+    }
+    let mut out = BwdTask {
+        dp: vec![0.0; nb * N],
+        dqr: vec![0.0; nb * N],
+        dqi: vec![0.0; nb * N],
+        der: vec![0.0; nb * N],
+        dei: vec![0.0; nb * N],
+        dom: vec![0.0; nb],
+        dh0r: vec![0.0; nb * N],
+        dh0i: vec![0.0; nb * N],
+    };
+    // states of one segment: buf[j] = state before step i0 + j, j = 0..=len
+    let mut buf_r = vec![z; SEG + 1];
+    let mut buf_i = vec![z; SEG + 1];
+    for s in (0..dm.nseg()).rev() {
+        let i0 = s * SEG;
+        let len = SEG.min(t - i0);
+        for dd in 0..nb {
+            let o = (s * nb + dd) * N;
+            buf_r[0][dd].copy_from_slice(&fwd.ck_r[o..o + N]);
+            buf_i[0][dd].copy_from_slice(&fwd.ck_i[o..o + N]);
+        }
+        for j in 0..len {
+            let row = (bi * t + dm.time(i0 + j)) * m + d0;
+            let (pr, pi) = (buf_r[j], buf_i[j]);
+            let (nr, ni) = (&mut buf_r[j + 1], &mut buf_i[j + 1]);
+            for dd in 0..nb {
+                let xv = u[row + dd];
+                for k in 0..N {
+                    nr[dd][k] = l.p[dd][k] * xv + l.qr[dd][k] * pr[dd][k] - l.qi[dd][k] * pi[dd][k];
+                    ni[dd][k] = l.qr[dd][k] * pi[dd][k] + l.qi[dd][k] * pr[dd][k];
+                }
+            }
+        }
+        // segment-local accumulators in E, flushed to f64
+        let (mut dp, mut dqr, mut dqi, mut der, mut dei) = (z, z, z, z, z);
+        let mut dom = [E::zero(); DB];
+        for j in (0..len).rev() {
+            let row = (bi * t + dm.time(i0 + j)) * m + d0;
+            let (hr, hi) = (&buf_r[j + 1], &buf_i[j + 1]);
+            let (pr, pi) = (&buf_r[j], &buf_i[j]);
+            for dd in 0..nb {
+                let g = gy[row + dd];
+                let xv = u[row + dd];
+                dom[dd] = dom[dd] + g * xv;
+                let mut du = [E::zero(); N];
+                for k in 0..N {
+                    der[dd][k] = der[dd][k] + g * hr[dd][k];
+                    dei[dd][k] = dei[dd][k] - g * hi[dd][k];
+                    let lr = l.er[dd][k] * g + ar[dd][k];
+                    let li = ai[dd][k] - l.ei[dd][k] * g;
+                    du[k] = l.p[dd][k] * lr;
+                    dp[dd][k] = dp[dd][k] + xv * lr;
+                    dqr[dd][k] = dqr[dd][k] + lr * pr[dd][k] + li * pi[dd][k];
+                    dqi[dd][k] = dqi[dd][k] + li * pr[dd][k] - lr * pi[dd][k];
+                    ar[dd][k] = l.qr[dd][k] * lr + l.qi[dd][k] * li;
+                    ai[dd][k] = l.qr[dd][k] * li - l.qi[dd][k] * lr;
+                }
+                // SAFETY: each task touches only its own (batch, channel) elements.
+                unsafe {
+                    let p = gu.0.add(row + dd);
+                    *p = *p + l.om[dd] * g + hsum(&du);
+                }
+            }
+        }
+        let f = |x: E| x.to_f64().unwrap_or(f64::NAN);
+        for dd in 0..nb {
+            out.dom[dd] += f(dom[dd]);
+            for k in 0..N {
+                let o = dd * N + k;
+                out.dp[o] += f(dp[dd][k]);
+                out.dqr[o] += f(dqr[dd][k]);
+                out.dqi[o] += f(dqi[dd][k]);
+                out.der[o] += f(der[dd][k]);
+                out.dei[o] += f(dei[dd][k]);
+            }
+        }
+    }
+    for dd in 0..nb {
+        for k in 0..N {
+            out.dh0r[dd * N + k] = ar[dd][k].to_f64().unwrap_or(f64::NAN);
+            out.dh0i[dd * N + k] = ai[dd][k].to_f64().unwrap_or(f64::NAN);
+        }
+    }
+    out
+}
+
+type StateT<const M: usize, const N: usize, E> = Tensor<(usize, Const<M>, Const<N>), E, Cpu>;
+
+#[allow(clippy::type_complexity)]
+fn scan_op<const M: usize, const N: usize, E: CpuFloat, T: Tape<E, Cpu>>(
+    ema: &MultiHeadComplexEma<M, N, E, Cpu>,
+    u: Seq<M, E, Cpu, T>,
+    h0: Option<CemaState<M, N, E, Cpu, T>>,
+    want_state: bool,
+    rev: bool,
+) -> Result<(Seq<M, E, Cpu, T>, Option<CemaState<M, N, E, Cpu, T>>)>
+where
+    Cpu: Device<E>,
+{
+    let (b, t, _) = *u.shape();
+    ensure!(
+        t >= 1 && b >= 1,
+        "CEMA: input u has shape {:?}; need B >= 1 and T >= 1",
+        u.shape()
+    );
+    if let Some(h) = &h0 {
+        ensure!(
+            h.re.shape().0 == b && h.im.shape().0 == b,
+            "CEMA: h0 has batch {} / {} but u has batch {b}",
+            h.re.shape().0,
+            h.im.shape().0
+        );
+    }
+    let dev = u.device().clone();
+    let dm = Dims {
+        b,
+        t,
+        m: M,
+        nblk: M.div_ceil(DB),
+        rev,
+    };
+    let parallel = b * t * M * N >= PAR_MIN_WORK;
+    let co = Coefs::<E>::new(ema);
+
+    let (u, mut tape) = u.contiguous().split_tape();
+    let mut uv = vec![E::zero(); b * t * M];
+    u.copy_into(&mut uv);
+    let h0 = match h0 {
+        Some(h) => {
+            let (hr, tr) = h.re.contiguous().split_tape();
+            let (hi, ti) = h.im.contiguous().split_tape();
+            tape = tape.merge(tr).merge(ti);
+            Some((hr, hi))
+        }
+        None => None,
+    };
+    let h0v = h0.as_ref().map(|(r, i)| (r.as_vec(), i.as_vec()));
+
+    let save = T::OWNS_TAPE;
+    let mut yv = vec![E::zero(); b * t * M];
+    let yp = SyncPtr(yv.as_mut_ptr());
+    let fwd = {
+        let (co, uv) = (&co, &uv);
+        let h0s = h0v.as_ref().map(|(r, i)| (&r[..], &i[..]));
+        par_map(dm.tasks(), parallel, move |i| {
+            fwd_task::<E, N>(co, &dm, i, uv, h0s, yp, save)
+        })
+    };
+    let y = dev.tensor_from_vec(yv, (b, t, Const::<M>));
+
+    let state: Option<(StateT<M, N, E>, StateT<M, N, E>)> = want_state.then(|| {
+        let mut sr = vec![E::zero(); b * M * N];
+        let mut si = vec![E::zero(); b * M * N];
+        for (i, f) in fwd.iter().enumerate() {
+            let (bi, d0, nb) = dm.task(i);
+            for dd in 0..nb {
+                let o = (bi * M + d0 + dd) * N;
+                sr[o..o + N].copy_from_slice(&f.hr[dd]);
+                si[o..o + N].copy_from_slice(&f.hi[dd]);
+            }
+        }
+        (
+            dev.tensor_from_vec(sr, (b, Const, Const)),
+            dev.tensor_from_vec(si, (b, Const, Const)),
+        )
+    });
+
+    if T::OWNS_TAPE {
+        let yg = y.ghost();
+        let ug = u.ghost();
+        let h0g = h0.as_ref().map(|(r, i)| (r.ghost(), i.ghost()));
+        let sg = state.as_ref().map(|(r, i)| (r.ghost(), i.ghost()));
+        let pg = (
+            ema.alpha.ghost(),
+            ema.delta.ghost(),
+            ema.theta.ghost(),
+            ema.gamma.ghost(),
+            ema.omega.ghost(),
+        );
+        tape.add_backward_op(move |grads| {
+            // y's gradient is complete; borrow its buffer by value and put it back afterwards.
+            let gy = std::mem::take(E::host(grads.get_or_alloc_mut(&yg)?));
+            let gh = match &sg {
+                Some((r, i)) => Some((
+                    E::host(grads.get_or_alloc_mut(r)?).clone(),
+                    E::host(grads.get_or_alloc_mut(i)?).clone(),
+                )),
+                None => None,
+            };
+            let gu = grads.get_or_alloc_mut(&ug)?;
+            let gup = SyncPtr(E::host(gu).as_mut_ptr());
+            let res = {
+                let (co, uv, gy, fwd) = (&co, &uv, &gy, &fwd);
+                let ghs = gh.as_ref().map(|(r, i)| (&r[..], &i[..]));
+                par_map(dm.tasks(), parallel, move |i| {
+                    bwd_task::<E, N>(co, &dm, i, uv, gy, ghs, &fwd[i], gup)
+                })
+            };
+            *E::host(grads.get_or_alloc_mut(&yg)?) = gy;
+
+            // coefficient gradients summed over the batch, then the chain rule (f64)
+            let mn = M * N;
+            let mut dp = vec![0.0; mn];
+            let mut dqr = vec![0.0; mn];
+            let mut dqi = vec![0.0; mn];
+            let mut der = vec![0.0; mn];
+            let mut dei = vec![0.0; mn];
+            let mut dom = vec![0.0; M];
+            let mut dh0r = vec![0.0; b * mn];
+            let mut dh0i = vec![0.0; b * mn];
+            for (i, r) in res.iter().enumerate() {
+                let (bi, d0, nb) = dm.task(i);
+                for dd in 0..nb {
+                    dom[d0 + dd] += r.dom[dd];
+                    for k in 0..N {
+                        let (o, lo) = ((d0 + dd) * N + k, dd * N + k);
+                        dp[o] += r.dp[lo];
+                        dqr[o] += r.dqr[lo];
+                        dqi[o] += r.dqi[lo];
+                        der[o] += r.der[lo];
+                        dei[o] += r.dei[lo];
+                        dh0r[bi * mn + o] = r.dh0r[lo];
+                        dh0i[bi * mn + o] = r.dh0i[lo];
+                    }
+                }
+            }
+            let mut g_alpha = vec![0.0; mn];
+            let mut g_delta = vec![0.0; mn];
+            let mut g_theta = vec![0.0; M];
+            let mut g_gamma = vec![0.0; 2 * mn];
+            let tscale = 2.0 * std::f64::consts::PI / N as f64;
+            let es = 1.0 / (N as f64).sqrt();
+            for o in 0..mn {
+                let (a, sd, r, ang) = (co.a[o], co.sd[o], co.r[o], co.ang[o]);
+                let (cs, sn) = (ang.cos(), ang.sin());
+                let dr = dqr[o] * cs + dqi[o] * sn;
+                let dang = r * (dqi[o] * cs - dqr[o] * sn);
+                g_alpha[o] = (dp[o] - dr * sd) * a * (1.0 - a);
+                g_delta[o] = -dr * a * sd * (1.0 - sd);
+                let (d, k) = (o / N, o % N);
+                let st = co.sth[d];
+                g_theta[d] += dang * (k + 1) as f64 * tscale * st * (1.0 - st);
+                g_gamma[2 * o] = der[o] * es;
+                g_gamma[2 * o + 1] = dei[o] * es;
+            }
+            macro_rules! add {
+                ($g:expr, $v:expr) => {
+                    for (x, d) in E::host(grads.get_or_alloc_mut($g)?).iter_mut().zip($v) {
+                        *x += c::<E>(*d);
+                    }
+                };
+            }
+            add!(&pg.0, &g_alpha);
+            add!(&pg.1, &g_delta);
+            add!(&pg.2, &g_theta);
+            add!(&pg.3, &g_gamma);
+            add!(&pg.4, &dom);
+            if let Some((r, i)) = &h0g {
+                add!(r, &dh0r);
+                add!(i, &dh0i);
+            }
+            Ok(())
+        });
+    }
+    let y = y.put_tape(tape);
+    let state = state.map(|(re, im)| CemaState {
+        re: re.put_tape(T::default()),
+        im: im.put_tape(T::default()),
+    });
+    Ok((y, state))
 }
