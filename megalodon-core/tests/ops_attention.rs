@@ -323,6 +323,28 @@ fn gradients_accumulate_with_other_consumers() {
     }
 }
 
+/// q, k and v all the same tensor (one gradient entry): every contribution must land in it.
+#[test]
+fn aliased_inputs_accumulate() {
+    let dev: Cpu = Default::default();
+    let mut rng = StdRng::seed_from_u64(31);
+    let (bn, l, d) = (2, 6, 4);
+    let x: Blocks<2, f64, Cpu> =
+        dev.tensor_from_vec(rand_vec(&mut rng, bn * 2 * l * d, 1.0), (bn, Const, l, d));
+    let g: Blocks<2, f64, Cpu> =
+        dev.tensor_from_vec(rand_vec(&mut rng, bn * 2 * l * d, 1.0), (bn, Const, l, d));
+    let xt = x.leaky_trace();
+    let (a, b) = (xt.retaped::<Tp<f64>>(), xt.retaped::<Tp<f64>>());
+    let out = block_attention(xt, a, b, &causal(0)).unwrap();
+    let gf = (out * g.clone()).sum().backward().get(&x).as_vec();
+    // the reference needs distinct ids: x * 1
+    let xt = x.leaky_trace();
+    let (a, b) = (xt.retaped::<Tp<f64>>() * 1.0, xt.retaped::<Tp<f64>>() * 1.0);
+    let out = composed_block_attention(xt * 1.0, a, b, &causal(0)).unwrap();
+    let gc = (out * g).sum().backward().get(&x).as_vec();
+    assert!(rel_err(&gf, &gc) < 1e-12, "{}", rel_err(&gf, &gc));
+}
+
 /// A block whose rows see no key gives zero output and zero gradients, and leaves the other
 /// blocks untouched.
 #[test]
@@ -397,4 +419,87 @@ fn no_tape_forward_matches() {
     let a = block_attention(q.clone(), k.clone(), v.clone(), &causal(2)).unwrap();
     let b = composed_block_attention(q, k, v, &causal(2)).unwrap();
     assert!(rel_err(&f64s(a.as_vec()), &f64s(b.as_vec())) < 1e-12);
+}
+
+/// Manual benchmark (run in release, one implementation per process so that peak RSS is
+/// per implementation): `ATTN_IMPL=fused|composed cargo test --release -p megalodon-core
+/// --test ops_attention -- --ignored --exact bench_block_attention --nocapture`. Sizes:
+/// `ATTN_BN` blocks (default 16) of 1024, H = 1, dz = 64, dv = 512, f32, causal (or
+/// `ATTN_MASK=none`), permuted inputs as in `chunked_attention`.
+#[test]
+#[ignore]
+fn bench_block_attention() {
+    let imp = match std::env::var("ATTN_IMPL").as_deref() {
+        Ok("composed") => Imp::Composed,
+        _ => Imp::Fused,
+    };
+    let bn: usize = std::env::var("ATTN_BN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    let mask = match std::env::var("ATTN_MASK").as_deref() {
+        Ok("none") => BlockMask::default(),
+        _ => causal(0),
+    };
+    let (l, dz, dv) = (1024, 64, 512);
+    let dev: Cpu = Default::default();
+    let mut rng = StdRng::seed_from_u64(0);
+    type Leaf = Tensor<(usize, usize, Const<1>, usize), f32, Cpu>;
+    let mut leaf = |w: usize, s: f64| -> Leaf {
+        dev.tensor_from_vec(to_e(&rand_vec(&mut rng, bn * l * w, s)), (bn, l, Const, w))
+    };
+    let (ql, kl, vl) = (leaf(dz, 0.5), leaf(dz, 0.5), leaf(dv, 1.0));
+    let g: Blocks<1, f32, Cpu> = dev.tensor_from_vec(
+        to_e(&rand_vec(&mut rng, bn * l * dv, 1.0)),
+        (bn, Const, l, dv),
+    );
+    let p = |t: Tensor<(usize, usize, Const<1>, usize), f32, Cpu, Tp<f32>>| {
+        t.permute::<_, Axes4<0, 2, 1, 3>>()
+    };
+    let status = |key: &str| -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find(|s| s.starts_with(key))
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    let (mut tf, mut tb, mut kept) = (Vec::new(), Vec::new(), 0.0);
+    for it in 0..4 {
+        let rss0 = status("VmRSS");
+        let t0 = std::time::Instant::now();
+        let out = attend(
+            imp,
+            p(ql.leaky_trace()),
+            p(kl.retaped()),
+            p(vl.retaped()),
+            &mask,
+        )
+        .unwrap();
+        let t1 = std::time::Instant::now();
+        if it == 0 {
+            // first iteration: allocator not yet holding freed memory
+            kept = status("VmRSS") - rss0;
+        }
+        let grads = (out * g.clone()).sum().backward();
+        let t2 = std::time::Instant::now();
+        assert!(grads.get(&ql).as_vec()[0].is_finite());
+        if it > 0 {
+            tf.push((t1 - t0).as_secs_f64());
+            tb.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "{imp:?} Bn={bn} L={l} dz={dz} dv={dv} f32 {mask:?}: forward {:.3} s, backward {:.3} s \
+         (median of 3); RSS growth over the first forward {kept:.0} MiB, \
+         peak RSS {:.0} MiB",
+        med(&mut tf),
+        med(&mut tb),
+        status("VmHWM")
+    );
 }

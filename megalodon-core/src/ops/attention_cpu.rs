@@ -2,12 +2,14 @@
 //!
 //! Forward, per block `bn` and head `h`, in tiles of query rows: `S = Q K^T` (only the key prefix
 //! some row of the tile may see), masked by [`BlockMask::allows`], row softmax `P`, `O = P V`.
-//! Only `O` (shared with the returned tensor) and the per-row logsumexp are kept for backward,
-//! O(Bn H Lq) extra instead of the composed op's several `(Bn, H, Lq, Lk)` tensors.
+//! Kept for backward: host copies of q, k, v (the contiguous copies a permuted input needs anyway)
+//! and the per-row logsumexp, O(Bn H Lq) extra, instead of the composed op's several
+//! `(Bn, H, Lq, Lk)` tensors.
 //!
-//! Backward recomputes `S` and `P` tile by tile from the saved `q`, `k` and logsumexp:
-//! `dV = P^T dO`, `dP = dO V^T`, `D_i = rowsum(dO_i * O_i)`, `dS = P * (dP - D)`, `dQ = dS K`,
-//! `dK = dS^T Q`, and *adds* into the gradients of q, k and v (they may have other consumers).
+//! Backward recomputes `S` and `P` tile by tile from q, k and the logsumexp: `dV = P^T dO`,
+//! `dP = dO V^T`, `D_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i)` (so O is not needed),
+//! `dS = P * (dP - D)`, `dQ = dS K`, `dK = dS^T Q`, *added* into the gradients of q, k and v
+//! (they may have other consumers), in place in the gradient buffers.
 //!
 //! Matrix products go through the `gemm` crate (the one dfdx's CPU matmul uses). Blocks run in
 //! parallel on rayon when there are at least as many blocks as threads, otherwise each product
@@ -85,9 +87,9 @@ where
     let (v, tv) = v.try_contiguous().map_err(cont)?.split_tape();
     let mut tape = tq.merge(tk).merge(tv);
 
+    // host copies in logical order; with a tape they are the only state kept for backward
     let (qv, kv, vv) = (q.as_vec(), k.as_vec(), v.as_vec());
     let (ov, lse) = forward(dims, &qv, &kv, &vv, mask);
-    drop((qv, kv, vv));
     let dev = q.device().clone();
     let out = dev
         .try_tensor_from_vec(ov, (bn, Const::<H>, lq, dv))
@@ -95,24 +97,47 @@ where
 
     if T::OWNS_TAPE {
         let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
-        let o_saved = out.clone();
+        drop((q, k, v));
         let mask = mask.clone();
+        let sizes = [qv.len(), kv.len(), vv.len()];
         tape.add_backward_op(move |grads| {
-            let (qv, kv, vv, ov) = (q.as_vec(), k.as_vec(), v.as_vec(), o_saved.as_vec());
-            let (dq, dk, dvv) = {
-                let go: &[E] = grads.get_or_alloc_mut(&og)?;
-                assert_eq!(
-                    go.len(),
-                    ov.len(),
-                    "block attention: output gradient length"
-                );
-                backward(dims, &qv, &kv, &vv, &ov, go, &lse, &mask)
-            };
-            drop((qv, kv, vv, ov));
-            for (g, d) in [(&qg, dq), (&kg, dk), (&vg, dvv)] {
+            // Move the buffers out of `grads` (no copies) so that dO can be read while the three
+            // input gradients are written. An input whose gradient entry is already taken is the
+            // same tensor as an earlier one: it gets a scratch buffer that is added afterwards.
+            let go = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            assert_eq!(
+                go.len(),
+                bn * H * lq * dv,
+                "block attention: output gradient length"
+            );
+            let mut bufs = Vec::with_capacity(3);
+            for (g, n) in [(&qg, sizes[0]), (&kg, sizes[1]), (&vg, sizes[2])] {
+                let b = std::mem::take(&mut **grads.get_or_alloc_mut(g)?);
+                bufs.push(if b.len() == n {
+                    (b, true)
+                } else {
+                    assert!(b.is_empty(), "block attention: input gradient length");
+                    (vec![E::zero(); n], false)
+                });
+            }
+            let [(mut dq, oq), (mut dk, ok), (mut dvv, ov)]: [(Vec<E>, bool); 3] =
+                bufs.try_into().expect("three buffers");
+            backward(
+                dims, &qv, &kv, &vv, &go, &lse, &mask, &mut dq, &mut dk, &mut dvv,
+            );
+            **grads.get_or_alloc_mut(&og)? = go;
+            let mut later = Vec::new();
+            for (g, b, owned) in [(&qg, dq, oq), (&kg, dk, ok), (&vg, dvv, ov)] {
+                if owned {
+                    **grads.get_or_alloc_mut(g)? = b;
+                } else {
+                    later.push((g, b));
+                }
+            }
+            for (g, b) in later {
                 let buf = grads.get_or_alloc_mut(g)?;
-                assert_eq!(buf.len(), d.len(), "block attention: input gradient length");
-                buf.iter_mut().zip(d).for_each(|(b, x)| *b += x);
+                assert_eq!(buf.len(), b.len(), "block attention: input gradient length");
+                buf.iter_mut().zip(b).for_each(|(x, y)| *x += y);
             }
             Ok(())
         });
@@ -296,18 +321,20 @@ fn forward<E: Float>(d: Dims, q: &[E], k: &[E], v: &[E], mask: &BlockMask) -> (V
     (o, lse)
 }
 
-/// Returns `(dQ, dK, dV)` of one call (to be added into the input gradients).
+/// Adds the gradients of one call into `dq (Bn, H, Lq, dz)`, `dk` and `dvv (Bn, H, Lk, dv)`.
 #[allow(clippy::too_many_arguments)]
 fn backward<E: Float>(
     d: Dims,
     q: &[E],
     k: &[E],
     v: &[E],
-    o: &[E],
     go: &[E],
     lse: &[E],
     mask: &BlockMask,
-) -> (Vec<E>, Vec<E>, Vec<E>) {
+    dq: &mut [E],
+    dk: &mut [E],
+    dvv: &mut [E],
+) {
     let Dims {
         bn,
         h,
@@ -317,19 +344,15 @@ fn backward<E: Float>(
         dv,
     } = d;
     let nblocks = bn * h;
-    let mut dq = vec![E::zero(); nblocks * lq * dz];
-    let mut dk = vec![E::zero(); nblocks * lk * dz];
-    let mut dvv = vec![E::zero(); nblocks * lk * dv];
     let ninf = E::neg_infinity();
     for_blocks(
         nblocks,
-        vec![(&mut dq, lq * dz), (&mut dk, lk * dz), (&mut dvv, lk * dv)],
+        vec![(dq, lq * dz), (dk, lk * dz), (dvv, lk * dv)],
         |blk, bufs, par| {
             let b = blk / h;
             let qb = &q[blk * lq * dz..(blk + 1) * lq * dz];
             let kb = &k[blk * lk * dz..(blk + 1) * lk * dz];
             let vb = &v[blk * lk * dv..(blk + 1) * lk * dv];
-            let ob = &o[blk * lq * dv..(blk + 1) * lq * dv];
             let gb = &go[blk * lq * dv..(blk + 1) * lq * dv];
             let lb = &lse[blk * lq..(blk + 1) * lq];
             let (dqb, rest) = bufs.split_at_mut(1);
@@ -374,18 +397,18 @@ fn backward<E: Float>(
                         dsrow.fill(E::zero());
                         continue;
                     }
-                    let di = ob[i * dv..(i + 1) * dv]
-                        .iter()
-                        .zip(&gb[i * dv..(i + 1) * dv])
-                        .fold(E::zero(), |acc, (&x, &y)| acc + x * y);
-                    for (j, (x, g)) in prow.iter_mut().zip(dsrow.iter_mut()).enumerate() {
+                    // D_i = dO_i . O_i = sum_j P_ij dP_ij
+                    let mut di = E::zero();
+                    for (j, (x, g)) in prow.iter_mut().zip(dsrow.iter()).enumerate() {
                         if j < lim[ii] && mask.allows(b, i, j) {
                             *x = (*x - l).exp();
-                            *g = *x * (*g - di);
+                            di += *x * *g;
                         } else {
                             *x = E::zero();
-                            *g = E::zero();
                         }
+                    }
+                    for (x, g) in prow.iter().zip(dsrow.iter_mut()) {
+                        *g = *x * (*g - di);
                     }
                 }
                 unsafe {
@@ -398,11 +421,11 @@ fn backward<E: Float>(
                         (gb.as_ptr().add(r0 * dv), dv, 1),
                         par,
                     );
-                    // dQ[r0..r1] = dS K[..kmax]
+                    // dQ[r0..r1] += dS K[..kmax]
                     mm(
                         (rows, dz, kmax),
                         (dqb.as_mut_ptr().add(r0 * dz), dz, 1),
-                        false,
+                        true,
                         (ds.as_ptr(), kmax, 1),
                         (kb.as_ptr(), dz, 1),
                         par,
@@ -420,5 +443,4 @@ fn backward<E: Float>(
             }
         },
     );
-    (dq, dk, dvv)
 }
