@@ -186,15 +186,21 @@ struct SyncPtr<E>(*mut E);
 unsafe impl<E> Send for SyncPtr<E> {}
 unsafe impl<E> Sync for SyncPtr<E> {}
 
-/// Runs `f(0..n)` on up to `available_parallelism` scoped threads; results in task order.
+/// Worker threads: `RAYON_NUM_THREADS` (as for dfdx's matmuls) or the available parallelism.
+fn num_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |x| x.get()))
+    })
+}
+
+/// Runs `f(0..n)` on up to [`num_threads`] scoped threads; results in task order.
 fn par_map<R: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
-    let threads = if parallel {
-        std::thread::available_parallelism()
-            .map_or(1, |x| x.get())
-            .min(n)
-    } else {
-        1
-    };
+    let threads = if parallel { num_threads().min(n) } else { 1 };
     if threads <= 1 {
         return (0..n).map(f).collect();
     }
@@ -226,19 +232,23 @@ fn par_map<R: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> R + Sync) -> 
         .collect()
 }
 
-/// Per-task coefficients in fixed-size arrays.
+/// A (k, channel) tile: the inner loops run over the `DB` channels of a task (contiguous in
+/// `u`/`y`), so they vectorize without horizontal sums.
+type Tile<E, const N: usize> = [[E; DB]; N];
+
+/// Per-task coefficients as tiles (zero for channels past the end of `M`).
 struct Local<E, const N: usize> {
-    p: [[E; N]; DB],
-    qr: [[E; N]; DB],
-    qi: [[E; N]; DB],
-    er: [[E; N]; DB],
-    ei: [[E; N]; DB],
+    p: Tile<E, N>,
+    qr: Tile<E, N>,
+    qi: Tile<E, N>,
+    er: Tile<E, N>,
+    ei: Tile<E, N>,
     om: [E; DB],
 }
 
 impl<E: Float, const N: usize> Local<E, N> {
     fn new(co: &Coefs<E>, d0: usize, nb: usize) -> Self {
-        let z = [[E::zero(); N]; DB];
+        let z = [[E::zero(); DB]; N];
         let mut l = Self {
             p: z,
             qr: z,
@@ -248,37 +258,79 @@ impl<E: Float, const N: usize> Local<E, N> {
             om: [E::zero(); DB],
         };
         for dd in 0..nb {
-            let o = (d0 + dd) * N;
-            l.p[dd].copy_from_slice(&co.p[o..o + N]);
-            l.qr[dd].copy_from_slice(&co.qr[o..o + N]);
-            l.qi[dd].copy_from_slice(&co.qi[o..o + N]);
-            l.er[dd].copy_from_slice(&co.er[o..o + N]);
-            l.ei[dd].copy_from_slice(&co.ei[o..o + N]);
+            for k in 0..N {
+                let o = (d0 + dd) * N + k;
+                l.p[k][dd] = co.p[o];
+                l.qr[k][dd] = co.qr[o];
+                l.qi[k][dd] = co.qi[o];
+                l.er[k][dd] = co.er[o];
+                l.ei[k][dd] = co.ei[o];
+            }
             l.om[dd] = co.om[d0 + dd];
         }
         l
     }
 }
 
+/// `DB` values from `v[o..o + nb]` (zero-padded).
 #[inline(always)]
-fn hsum<E: Float, const N: usize>(v: &[E; N]) -> E {
-    let mut a = [E::zero(); 4];
-    for (k, x) in v.iter().enumerate() {
-        a[k % 4] = a[k % 4] + *x;
+fn load<E: Float>(v: &[E], o: usize, nb: usize) -> [E; DB] {
+    let mut x = [E::zero(); DB];
+    if nb == DB {
+        x.copy_from_slice(&v[o..o + DB]);
+    } else {
+        x[..nb].copy_from_slice(&v[o..o + nb]);
     }
-    (a[0] + a[1]) + (a[2] + a[3])
+    x
 }
 
-/// What the forward of one task keeps: final state and checkpoints (nseg, nb, N) re/im.
+/// Reads a (B, M, N) state block of a task into a tile.
+fn read_state<E: Float, const N: usize>(
+    v: &[E],
+    m: usize,
+    bi: usize,
+    d0: usize,
+    nb: usize,
+) -> Tile<E, N> {
+    let mut x = [[E::zero(); DB]; N];
+    for dd in 0..nb {
+        for (k, row) in x.iter_mut().enumerate() {
+            row[dd] = v[(bi * m + d0 + dd) * N + k];
+        }
+    }
+    x
+}
+
+/// One step of the recurrence `h = p x + q h` for a tile.
+#[inline(always)]
+fn step<E: Float, const N: usize>(
+    l: &Local<E, N>,
+    x: &[E; DB],
+    pr: &Tile<E, N>,
+    pi: &Tile<E, N>,
+    hr: &mut Tile<E, N>,
+    hi: &mut Tile<E, N>,
+) {
+    for k in 0..N {
+        for dd in 0..DB {
+            let (a, b) = (pr[k][dd], pi[k][dd]);
+            hr[k][dd] = l.p[k][dd] * x[dd] + l.qr[k][dd] * a - l.qi[k][dd] * b;
+            hi[k][dd] = l.qr[k][dd] * b + l.qi[k][dd] * a;
+        }
+    }
+}
+
+/// What the forward of one task keeps: final state and checkpoints (one tile pair per segment).
 struct FwdTask<E, const N: usize> {
-    hr: [[E; N]; DB],
-    hi: [[E; N]; DB],
-    ck_r: Vec<E>,
-    ck_i: Vec<E>,
+    hr: Tile<E, N>,
+    hi: Tile<E, N>,
+    ck_r: Vec<Tile<E, N>>,
+    ck_i: Vec<Tile<E, N>>,
 }
 
 /// Forward scan of one task; writes `y`; keeps checkpoints when `save`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn fwd_task<E: Float, const N: usize>(
     co: &Coefs<E>,
     dm: &Dims,
@@ -291,48 +343,46 @@ fn fwd_task<E: Float, const N: usize>(
     let (bi, d0, nb) = dm.task(task);
     let (t, m) = (dm.t, dm.m);
     let l = Local::<E, N>::new(co, d0, nb);
-    let mut hr = [[E::zero(); N]; DB];
-    let mut hi = [[E::zero(); N]; DB];
-    if let Some((r, i)) = h0 {
-        for dd in 0..nb {
-            let o = (bi * m + d0 + dd) * N;
-            hr[dd].copy_from_slice(&r[o..o + N]);
-            hi[dd].copy_from_slice(&i[o..o + N]);
-        }
-    }
+    let (mut hr, mut hi) = match h0 {
+        Some((r, i)) => (
+            read_state::<E, N>(r, m, bi, d0, nb),
+            read_state::<E, N>(i, m, bi, d0, nb),
+        ),
+        None => ([[E::zero(); DB]; N], [[E::zero(); DB]; N]),
+    };
     let nseg = dm.nseg();
-    let cap = if save { nseg * nb * N } else { 0 };
+    let cap = if save { nseg } else { 0 };
     let (mut ck_r, mut ck_i) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
     for s in 0..nseg {
         if save {
-            for dd in 0..nb {
-                ck_r.extend_from_slice(&hr[dd]);
-                ck_i.extend_from_slice(&hi[dd]);
-            }
+            ck_r.push(hr);
+            ck_i.push(hi);
         }
         for i in s * SEG..t.min((s + 1) * SEG) {
             let row = (bi * t + dm.time(i)) * m + d0;
-            let x = &u[row..row + nb];
-            for dd in 0..nb {
-                let xv = x[dd];
-                let (hr, hi) = (&mut hr[dd], &mut hi[dd]);
-                let mut ys = [E::zero(); N];
-                for k in 0..N {
-                    let nr = l.p[dd][k] * xv + l.qr[dd][k] * hr[k] - l.qi[dd][k] * hi[k];
-                    let ni = l.qr[dd][k] * hi[k] + l.qi[dd][k] * hr[k];
-                    hr[k] = nr;
-                    hi[k] = ni;
-                    ys[k] = l.er[dd][k] * nr - l.ei[dd][k] * ni;
+            let x = load(u, row, nb);
+            let mut acc = [E::zero(); DB];
+            for k in 0..N {
+                for dd in 0..DB {
+                    let (a, b) = (hr[k][dd], hi[k][dd]);
+                    let nr = l.p[k][dd] * x[dd] + l.qr[k][dd] * a - l.qi[k][dd] * b;
+                    let ni = l.qr[k][dd] * b + l.qi[k][dd] * a;
+                    hr[k][dd] = nr;
+                    hi[k][dd] = ni;
+                    acc[dd] = acc[dd] + (l.er[k][dd] * nr - l.ei[k][dd] * ni);
                 }
+            }
+            for dd in 0..nb {
                 // SAFETY: each task writes only its own (batch, channel) elements.
-                unsafe { *y.0.add(row + dd) = hsum(&ys) + l.om[dd] * xv };
+                unsafe { *y.0.add(row + dd) = acc[dd] + l.om[dd] * x[dd] };
             }
         }
     }
     FwdTask { hr, hi, ck_r, ck_i }
 }
 
-/// Gradients of one task: coefficient grads (nb N) in f64, omega (nb), d h0 (nb N).
+/// Gradients of one task: coefficient grads (nb N, index dd N + k) in f64, omega (nb),
+/// d h0 (nb N).
 struct BwdTask {
     dp: Vec<f64>,
     dqr: Vec<f64>,
@@ -346,6 +396,7 @@ struct BwdTask {
 
 /// Backward of one task: adds into `gu`, returns the coefficient and h0 gradients.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn bwd_task<E: Float, const N: usize>(
     co: &Coefs<E>,
     dm: &Dims,
@@ -359,16 +410,16 @@ fn bwd_task<E: Float, const N: usize>(
     let (bi, d0, nb) = dm.task(task);
     let (t, m) = (dm.t, dm.m);
     let l = Local::<E, N>::new(co, d0, nb);
-    let z = [[E::zero(); N]; DB];
+    let z = [[E::zero(); DB]; N];
     // adjoint of the state after the current step (complex: dL/dh_re + i dL/dh_im)
-    let (mut ar, mut ai) = (z, z);
-    if let Some((r, i)) = gh {
-        for dd in 0..nb {
-            let o = (bi * m + d0 + dd) * N;
-            ar[dd].copy_from_slice(&r[o..o + N]);
-            ai[dd].copy_from_slice(&i[o..o + N]);
-        }
-    }
+    let (mut ar, mut ai) = match gh {
+        Some((r, i)) => (
+            read_state::<E, N>(r, m, bi, d0, nb),
+            read_state::<E, N>(i, m, bi, d0, nb),
+        ),
+        None => (z, z),
+    };
+    let f = |x: E| x.to_f64().unwrap_or(f64::NAN);
     let mut out = BwdTask {
         dp: vec![0.0; nb * N],
         dqr: vec![0.0; nb * N],
@@ -385,74 +436,156 @@ fn bwd_task<E: Float, const N: usize>(
     for s in (0..dm.nseg()).rev() {
         let i0 = s * SEG;
         let len = SEG.min(t - i0);
-        for dd in 0..nb {
-            let o = (s * nb + dd) * N;
-            buf_r[0][dd].copy_from_slice(&fwd.ck_r[o..o + N]);
-            buf_i[0][dd].copy_from_slice(&fwd.ck_i[o..o + N]);
-        }
+        buf_r[0] = fwd.ck_r[s];
+        buf_i[0] = fwd.ck_i[s];
         for j in 0..len {
             let row = (bi * t + dm.time(i0 + j)) * m + d0;
-            let (pr, pi) = (buf_r[j], buf_i[j]);
-            let (nr, ni) = (&mut buf_r[j + 1], &mut buf_i[j + 1]);
-            for dd in 0..nb {
-                let xv = u[row + dd];
-                for k in 0..N {
-                    nr[dd][k] = l.p[dd][k] * xv + l.qr[dd][k] * pr[dd][k] - l.qi[dd][k] * pi[dd][k];
-                    ni[dd][k] = l.qr[dd][k] * pi[dd][k] + l.qi[dd][k] * pr[dd][k];
-                }
-            }
+            let x = load(u, row, nb);
+            let (br0, br1) = buf_r.split_at_mut(j + 1);
+            let (bi0, bi1) = buf_i.split_at_mut(j + 1);
+            step(&l, &x, &br0[j], &bi0[j], &mut br1[0], &mut bi1[0]);
         }
         // segment-local accumulators in E, flushed to f64
         let (mut dp, mut dqr, mut dqi, mut der, mut dei) = (z, z, z, z, z);
         let mut dom = [E::zero(); DB];
         for j in (0..len).rev() {
             let row = (bi * t + dm.time(i0 + j)) * m + d0;
+            let x = load(u, row, nb);
+            let g = load(gy, row, nb);
             let (hr, hi) = (&buf_r[j + 1], &buf_i[j + 1]);
             let (pr, pi) = (&buf_r[j], &buf_i[j]);
-            for dd in 0..nb {
-                let g = gy[row + dd];
-                let xv = u[row + dd];
-                dom[dd] = dom[dd] + g * xv;
-                let mut du = [E::zero(); N];
-                for k in 0..N {
-                    der[dd][k] = der[dd][k] + g * hr[dd][k];
-                    dei[dd][k] = dei[dd][k] - g * hi[dd][k];
-                    let lr = l.er[dd][k] * g + ar[dd][k];
-                    let li = ai[dd][k] - l.ei[dd][k] * g;
-                    du[k] = l.p[dd][k] * lr;
-                    dp[dd][k] = dp[dd][k] + xv * lr;
-                    dqr[dd][k] = dqr[dd][k] + lr * pr[dd][k] + li * pi[dd][k];
-                    dqi[dd][k] = dqi[dd][k] + li * pr[dd][k] - lr * pi[dd][k];
-                    ar[dd][k] = l.qr[dd][k] * lr + l.qi[dd][k] * li;
-                    ai[dd][k] = l.qr[dd][k] * li - l.qi[dd][k] * lr;
+            let mut du = [E::zero(); DB];
+            for dd in 0..DB {
+                dom[dd] = dom[dd] + g[dd] * x[dd];
+                du[dd] = l.om[dd] * g[dd];
+            }
+            for k in 0..N {
+                for dd in 0..DB {
+                    let gd = g[dd];
+                    der[k][dd] = der[k][dd] + gd * hr[k][dd];
+                    dei[k][dd] = dei[k][dd] - gd * hi[k][dd];
+                    let lr = l.er[k][dd] * gd + ar[k][dd];
+                    let li = ai[k][dd] - l.ei[k][dd] * gd;
+                    du[dd] = du[dd] + l.p[k][dd] * lr;
+                    dp[k][dd] = dp[k][dd] + x[dd] * lr;
+                    dqr[k][dd] = dqr[k][dd] + (lr * pr[k][dd] + li * pi[k][dd]);
+                    dqi[k][dd] = dqi[k][dd] + (li * pr[k][dd] - lr * pi[k][dd]);
+                    ar[k][dd] = l.qr[k][dd] * lr + l.qi[k][dd] * li;
+                    ai[k][dd] = l.qr[k][dd] * li - l.qi[k][dd] * lr;
                 }
+            }
+            for (dd, v) in du.iter().enumerate().take(nb) {
                 // SAFETY: each task touches only its own (batch, channel) elements.
                 unsafe {
                     let p = gu.0.add(row + dd);
-                    *p = *p + l.om[dd] * g + hsum(&du);
+                    *p = *p + *v;
                 }
             }
         }
-        let f = |x: E| x.to_f64().unwrap_or(f64::NAN);
         for dd in 0..nb {
             out.dom[dd] += f(dom[dd]);
             for k in 0..N {
                 let o = dd * N + k;
-                out.dp[o] += f(dp[dd][k]);
-                out.dqr[o] += f(dqr[dd][k]);
-                out.dqi[o] += f(dqi[dd][k]);
-                out.der[o] += f(der[dd][k]);
-                out.dei[o] += f(dei[dd][k]);
+                out.dp[o] += f(dp[k][dd]);
+                out.dqr[o] += f(dqr[k][dd]);
+                out.dqi[o] += f(dqi[k][dd]);
+                out.der[o] += f(der[k][dd]);
+                out.dei[o] += f(dei[k][dd]);
             }
         }
     }
     for dd in 0..nb {
         for k in 0..N {
-            out.dh0r[dd * N + k] = ar[dd][k].to_f64().unwrap_or(f64::NAN);
-            out.dh0i[dd * N + k] = ai[dd][k].to_f64().unwrap_or(f64::NAN);
+            out.dh0r[dd * N + k] = f(ar[k][dd]);
+            out.dh0i[dd * N + k] = f(ai[k][dd]);
         }
     }
     out
+}
+
+/// Whether the AVX2 builds of the kernels can run here (checked once).
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`fwd_task`] compiled for AVX2 (8 f32 lanes: one tile row per vector).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fwd_task_avx2<E: Float, const N: usize>(
+    co: &Coefs<E>,
+    dm: &Dims,
+    task: usize,
+    u: &[E],
+    h0: Option<(&[E], &[E])>,
+    y: SyncPtr<E>,
+    save: bool,
+) -> FwdTask<E, N> {
+    fwd_task(co, dm, task, u, h0, y, save)
+}
+
+/// [`bwd_task`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn bwd_task_avx2<E: Float, const N: usize>(
+    co: &Coefs<E>,
+    dm: &Dims,
+    task: usize,
+    u: &[E],
+    gy: &[E],
+    gh: Option<(&[E], &[E])>,
+    fwd: &FwdTask<E, N>,
+    gu: SyncPtr<E>,
+) -> BwdTask {
+    bwd_task(co, dm, task, u, gy, gh, fwd, gu)
+}
+
+/// Forward of one task with the best kernel build for this CPU.
+#[allow(clippy::too_many_arguments)]
+fn fwd_dispatch<E: Float, const N: usize>(
+    co: &Coefs<E>,
+    dm: &Dims,
+    task: usize,
+    u: &[E],
+    h0: Option<(&[E], &[E])>,
+    y: SyncPtr<E>,
+    save: bool,
+) -> FwdTask<E, N> {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { fwd_task_avx2(co, dm, task, u, h0, y, save) };
+    }
+    fwd_task(co, dm, task, u, h0, y, save)
+}
+
+/// Backward of one task with the best kernel build for this CPU.
+#[allow(clippy::too_many_arguments)]
+fn bwd_dispatch<E: Float, const N: usize>(
+    co: &Coefs<E>,
+    dm: &Dims,
+    task: usize,
+    u: &[E],
+    gy: &[E],
+    gh: Option<(&[E], &[E])>,
+    fwd: &FwdTask<E, N>,
+    gu: SyncPtr<E>,
+) -> BwdTask {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { bwd_task_avx2(co, dm, task, u, gy, gh, fwd, gu) };
+    }
+    bwd_task(co, dm, task, u, gy, gh, fwd, gu)
 }
 
 type StateT<const M: usize, const N: usize, E> = Tensor<(usize, Const<M>, Const<N>), E, Cpu>;
@@ -514,7 +647,7 @@ where
         let (co, uv) = (&co, &uv);
         let h0s = h0v.as_ref().map(|(r, i)| (&r[..], &i[..]));
         par_map(dm.tasks(), parallel, move |i| {
-            fwd_task::<E, N>(co, &dm, i, uv, h0s, yp, save)
+            fwd_dispatch::<E, N>(co, &dm, i, uv, h0s, yp, save)
         })
     };
     let y = dev.tensor_from_vec(yv, (b, t, Const::<M>));
@@ -525,9 +658,11 @@ where
         for (i, f) in fwd.iter().enumerate() {
             let (bi, d0, nb) = dm.task(i);
             for dd in 0..nb {
-                let o = (bi * M + d0 + dd) * N;
-                sr[o..o + N].copy_from_slice(&f.hr[dd]);
-                si[o..o + N].copy_from_slice(&f.hi[dd]);
+                for k in 0..N {
+                    let o = (bi * M + d0 + dd) * N + k;
+                    sr[o] = f.hr[k][dd];
+                    si[o] = f.hi[k][dd];
+                }
             }
         }
         (
@@ -564,7 +699,7 @@ where
                 let (co, uv, gy, fwd) = (&co, &uv, &gy, &fwd);
                 let ghs = gh.as_ref().map(|(r, i)| (&r[..], &i[..]));
                 par_map(dm.tasks(), parallel, move |i| {
-                    bwd_task::<E, N>(co, &dm, i, uv, gy, ghs, &fwd[i], gup)
+                    bwd_dispatch::<E, N>(co, &dm, i, uv, gy, ghs, &fwd[i], gup)
                 })
             };
             *E::host(grads.get_or_alloc_mut(&yg)?) = gy;
