@@ -369,7 +369,7 @@ fn fwd_task<E: Float, const N: usize>(
                     let ni = l.qr[k][dd] * b + l.qi[k][dd] * a;
                     hr[k][dd] = nr;
                     hi[k][dd] = ni;
-                    acc[dd] = acc[dd] + (l.er[k][dd] * nr - l.ei[k][dd] * ni);
+                    acc[dd] += l.er[k][dd] * nr - l.ei[k][dd] * ni;
                 }
             }
             for dd in 0..nb {
@@ -431,7 +431,9 @@ fn bwd_task<E: Float, const N: usize>(
         dh0i: vec![0.0; nb * N],
     };
     // states of one segment: buf[j] = state before step i0 + j, j = 0..=len
+    #[allow(clippy::useless_vec)] // up to 130 KB: keep it off the (worker thread) stack
     let mut buf_r = vec![z; SEG + 1];
+    #[allow(clippy::useless_vec)]
     let mut buf_i = vec![z; SEG + 1];
     for s in (0..dm.nseg()).rev() {
         let i0 = s * SEG;
@@ -456,20 +458,20 @@ fn bwd_task<E: Float, const N: usize>(
             let (pr, pi) = (&buf_r[j], &buf_i[j]);
             let mut du = [E::zero(); DB];
             for dd in 0..DB {
-                dom[dd] = dom[dd] + g[dd] * x[dd];
+                dom[dd] += g[dd] * x[dd];
                 du[dd] = l.om[dd] * g[dd];
             }
             for k in 0..N {
                 for dd in 0..DB {
                     let gd = g[dd];
-                    der[k][dd] = der[k][dd] + gd * hr[k][dd];
-                    dei[k][dd] = dei[k][dd] - gd * hi[k][dd];
+                    der[k][dd] += gd * hr[k][dd];
+                    dei[k][dd] -= gd * hi[k][dd];
                     let lr = l.er[k][dd] * gd + ar[k][dd];
                     let li = ai[k][dd] - l.ei[k][dd] * gd;
-                    du[dd] = du[dd] + l.p[k][dd] * lr;
-                    dp[k][dd] = dp[k][dd] + x[dd] * lr;
-                    dqr[k][dd] = dqr[k][dd] + (lr * pr[k][dd] + li * pi[k][dd]);
-                    dqi[k][dd] = dqi[k][dd] + (li * pr[k][dd] - lr * pi[k][dd]);
+                    du[dd] += l.p[k][dd] * lr;
+                    dp[k][dd] += x[dd] * lr;
+                    dqr[k][dd] += lr * pr[k][dd] + li * pi[k][dd];
+                    dqi[k][dd] += li * pr[k][dd] - lr * pi[k][dd];
                     ar[k][dd] = l.qr[k][dd] * lr + l.qi[k][dd] * li;
                     ai[k][dd] = l.qr[k][dd] * li - l.qi[k][dd] * lr;
                 }
@@ -478,7 +480,7 @@ fn bwd_task<E: Float, const N: usize>(
                 // SAFETY: each task touches only its own (batch, channel) elements.
                 unsafe {
                     let p = gu.0.add(row + dd);
-                    *p = *p + *v;
+                    *p += *v;
                 }
             }
         }
