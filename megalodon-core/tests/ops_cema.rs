@@ -538,3 +538,88 @@ fn timing_op_vs_composed() {
         }
     }
 }
+
+/// Several channel blocks (M = 20: blocks of 8, 8, 4), B = 1 and 2, long enough for the
+/// threaded path (several tasks, block groups), causal with h0 + state loss and anti-causal.
+#[test]
+fn op_matches_composed_multiblock_f64() {
+    const M2: usize = 20;
+    const N2: usize = 4;
+    let dev = Cpu::default();
+    let mut rng = StdRng::seed_from_u64(31);
+    let mut r = |k: usize, s: f64| -> Vec<f64> {
+        (0..k).map(|_| s * (rng.gen::<f64>() * 2.0 - 1.0)).collect()
+    };
+    let ema = MultiHeadComplexEma::<M2, N2, f64, Cpu> {
+        alpha: dev.tensor_from_vec(r(M2 * N2, 1.5), Rank3::<M2, N2, 1>::default()),
+        delta: dev.tensor_from_vec(r(M2 * N2, 1.5), Rank3::<M2, N2, 1>::default()),
+        theta: dev.tensor_from_vec(r(M2, 2.0), Rank3::<M2, 1, 1>::default()),
+        gamma: dev.tensor_from_vec(r(M2 * N2 * 2, 1.0), Rank3::<M2, N2, 2>::default()),
+        omega: dev.tensor_from_vec(r(M2, 0.5), Rank2::<M2, 1>::default()),
+    };
+    for (b, t) in [(1usize, 1100usize), (2, 530)] {
+        let (u, g) = (r(b * t * M2, 1.0), r(b * t * M2, 1.0));
+        let (h0r, h0i, ghr, ghi) = (
+            r(b * M2 * N2, 1.0),
+            r(b * M2 * N2, 1.0),
+            r(b * M2 * N2, 1.0),
+            r(b * M2 * N2, 1.0),
+        );
+        for anti in [false, true] {
+            let mut res = Vec::new();
+            for op in [false, true] {
+                let ut: Tensor<(usize, usize, Const<M2>), f64, Cpu> =
+                    dev.tensor_from_vec(u.clone(), (b, t, Const));
+                let gt: Tensor<(usize, usize, Const<M2>), f64, Cpu> =
+                    dev.tensor_from_vec(g.clone(), (b, t, Const));
+                let st = |v: &[f64]| -> Tensor<(usize, Const<M2>, Const<N2>), f64, Cpu> {
+                    dev.tensor_from_vec(v.to_vec(), (b, Const, Const))
+                };
+                let (hr, hi) = (st(&h0r), st(&h0i));
+                let mut vals = Vec::new();
+                let loss = if anti {
+                    let y = if op {
+                        Cpu::cema_anticausal(&ema, ut.leaky_trace())
+                    } else {
+                        ema.try_forward_anticausal(ut.leaky_trace())
+                    }
+                    .unwrap();
+                    vals.push(to_f64(&y));
+                    (y * gt).sum()
+                } else {
+                    let h0 = Some(CemaState {
+                        re: hr.leaky_trace(),
+                        im: hi.leaky_trace(),
+                    });
+                    let (y, s) = if op {
+                        Cpu::cema(&ema, ut.leaky_trace(), h0, true)
+                    } else {
+                        ema.try_forward(ut.leaky_trace(), h0, true)
+                    }
+                    .unwrap();
+                    let s = s.unwrap();
+                    vals.push(to_f64(&y));
+                    vals.push(to_f64(&s.re));
+                    vals.push(to_f64(&s.im));
+                    (y * gt).sum() + (s.re * st(&ghr)).sum() + (s.im * st(&ghi)).sum()
+                };
+                let gr = loss.backward();
+                vals.push(gr.get(&ut).as_vec());
+                vals.push(gr.get(&ema.alpha).as_vec());
+                vals.push(gr.get(&ema.delta).as_vec());
+                vals.push(gr.get(&ema.theta).as_vec());
+                vals.push(gr.get(&ema.gamma).as_vec());
+                vals.push(gr.get(&ema.omega).as_vec());
+                if !anti {
+                    vals.push(gr.get(&hr).as_vec());
+                    vals.push(gr.get(&hi).as_vec());
+                }
+                res.push(vals);
+            }
+            for (i, (w, got)) in res[0].iter().zip(&res[1]).enumerate() {
+                let e = rel(got, w);
+                assert!(e < 1e-10, "B={b} T={t} anti={anti} output {i}: {e:.3e}");
+            }
+        }
+    }
+}

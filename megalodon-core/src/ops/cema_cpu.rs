@@ -147,23 +147,35 @@ impl<E: Float> Coefs<E> {
     }
 }
 
-/// Problem geometry. Task `i` is batch `i / nblk`, channels `DB (i % nblk) ..`.
+/// Problem geometry. Channels come in `nblk` blocks of `DB`; global block `g` is batch
+/// `g / nblk`, channels `DB (g % nblk) ..`. Task `i` is batch `i / groups` and a contiguous group
+/// of its blocks, which it scans segment by segment (all blocks of a segment read the same rows
+/// of `u`, which stay in cache).
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
     t: usize,
     m: usize,
     nblk: usize,
+    groups: usize,
     rev: bool,
 }
 
 impl Dims {
     fn tasks(&self) -> usize {
-        self.b * self.nblk
+        self.b * self.groups
     }
-    fn task(&self, i: usize) -> (usize, usize, usize) {
-        let bi = i / self.nblk;
-        let d0 = (i % self.nblk) * DB;
+    /// (batch, first global block, end global block) of task `i`.
+    fn group(&self, i: usize) -> (usize, usize, usize) {
+        let (bi, gi) = (i / self.groups, i % self.groups);
+        let lo = gi * self.nblk / self.groups;
+        let hi = (gi + 1) * self.nblk / self.groups;
+        (bi, bi * self.nblk + lo, bi * self.nblk + hi)
+    }
+    /// (batch, first channel, channel count) of global block `g`.
+    fn block(&self, g: usize) -> (usize, usize, usize) {
+        let bi = g / self.nblk;
+        let d0 = (g % self.nblk) * DB;
         (bi, d0, DB.min(self.m - d0))
     }
     /// Time index of scan step `i`.
@@ -328,7 +340,7 @@ struct FwdTask<E, const N: usize> {
     ck_i: Vec<Tile<E, N>>,
 }
 
-/// Forward scan of one task; writes `y`; keeps checkpoints when `save`.
+/// Forward scan of the blocks of one task; writes `y`; keeps checkpoints when `save`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fwd_task<E: Float, const N: usize>(
@@ -339,46 +351,60 @@ fn fwd_task<E: Float, const N: usize>(
     h0: Option<(&[E], &[E])>,
     y: SyncPtr<E>,
     save: bool,
-) -> FwdTask<E, N> {
-    let (bi, d0, nb) = dm.task(task);
+) -> Vec<FwdTask<E, N>> {
+    let (_, glo, ghi) = dm.group(task);
     let (t, m) = (dm.t, dm.m);
-    let l = Local::<E, N>::new(co, d0, nb);
-    let (mut hr, mut hi) = match h0 {
-        Some((r, i)) => (
-            read_state::<E, N>(r, m, bi, d0, nb),
-            read_state::<E, N>(i, m, bi, d0, nb),
-        ),
-        None => ([[E::zero(); DB]; N], [[E::zero(); DB]; N]),
-    };
     let nseg = dm.nseg();
     let cap = if save { nseg } else { 0 };
-    let (mut ck_r, mut ck_i) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
+    let mut blocks: Vec<(Local<E, N>, FwdTask<E, N>)> = (glo..ghi)
+        .map(|g| {
+            let (bi, d0, nb) = dm.block(g);
+            let (hr, hi) = match h0 {
+                Some((r, i)) => (
+                    read_state::<E, N>(r, m, bi, d0, nb),
+                    read_state::<E, N>(i, m, bi, d0, nb),
+                ),
+                None => ([[E::zero(); DB]; N], [[E::zero(); DB]; N]),
+            };
+            let f = FwdTask {
+                hr,
+                hi,
+                ck_r: Vec::with_capacity(cap),
+                ck_i: Vec::with_capacity(cap),
+            };
+            (Local::<E, N>::new(co, d0, nb), f)
+        })
+        .collect();
     for s in 0..nseg {
-        if save {
-            ck_r.push(hr);
-            ck_i.push(hi);
-        }
-        for i in s * SEG..t.min((s + 1) * SEG) {
-            let row = (bi * t + dm.time(i)) * m + d0;
-            let x = load(u, row, nb);
-            let mut acc = [E::zero(); DB];
-            for k in 0..N {
-                for dd in 0..DB {
-                    let (a, b) = (hr[k][dd], hi[k][dd]);
-                    let nr = l.p[k][dd] * x[dd] + l.qr[k][dd] * a - l.qi[k][dd] * b;
-                    let ni = l.qr[k][dd] * b + l.qi[k][dd] * a;
-                    hr[k][dd] = nr;
-                    hi[k][dd] = ni;
-                    acc[dd] += l.er[k][dd] * nr - l.ei[k][dd] * ni;
-                }
+        for (g, (l, f)) in (glo..ghi).zip(blocks.iter_mut()) {
+            let (bi, d0, nb) = dm.block(g);
+            let (hr, hi) = (&mut f.hr, &mut f.hi);
+            if save {
+                f.ck_r.push(*hr);
+                f.ck_i.push(*hi);
             }
-            for dd in 0..nb {
-                // SAFETY: each task writes only its own (batch, channel) elements.
-                unsafe { *y.0.add(row + dd) = acc[dd] + l.om[dd] * x[dd] };
+            for i in s * SEG..t.min((s + 1) * SEG) {
+                let row = (bi * t + dm.time(i)) * m + d0;
+                let x = load(u, row, nb);
+                let mut acc = [E::zero(); DB];
+                for k in 0..N {
+                    for dd in 0..DB {
+                        let (a, b) = (hr[k][dd], hi[k][dd]);
+                        let nr = l.p[k][dd] * x[dd] + l.qr[k][dd] * a - l.qi[k][dd] * b;
+                        let ni = l.qr[k][dd] * b + l.qi[k][dd] * a;
+                        hr[k][dd] = nr;
+                        hi[k][dd] = ni;
+                        acc[dd] += l.er[k][dd] * nr - l.ei[k][dd] * ni;
+                    }
+                }
+                for dd in 0..nb {
+                    // SAFETY: each task writes only its own (batch, channel) elements.
+                    unsafe { *y.0.add(row + dd) = acc[dd] + l.om[dd] * x[dd] };
+                }
             }
         }
     }
-    FwdTask { hr, hi, ck_r, ck_i }
+    blocks.into_iter().map(|(_, f)| f).collect()
 }
 
 /// Gradients of one task: coefficient grads (nb N, index dd N + k) in f64, omega (nb),
@@ -394,7 +420,8 @@ struct BwdTask {
     dh0i: Vec<f64>,
 }
 
-/// Backward of one task: adds into `gu`, returns the coefficient and h0 gradients.
+/// Backward of the blocks of one task (`fwd`: their forward records): adds into `gu`, returns
+/// the coefficient and h0 gradients per block.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn bwd_task<E: Float, const N: usize>(
@@ -404,32 +431,38 @@ fn bwd_task<E: Float, const N: usize>(
     u: &[E],
     gy: &[E],
     gh: Option<(&[E], &[E])>,
-    fwd: &FwdTask<E, N>,
+    fwd: &[FwdTask<E, N>],
     gu: SyncPtr<E>,
-) -> BwdTask {
-    let (bi, d0, nb) = dm.task(task);
+) -> Vec<BwdTask> {
+    let (_, glo, ghi) = dm.group(task);
     let (t, m) = (dm.t, dm.m);
-    let l = Local::<E, N>::new(co, d0, nb);
     let z = [[E::zero(); DB]; N];
-    // adjoint of the state after the current step (complex: dL/dh_re + i dL/dh_im)
-    let (mut ar, mut ai) = match gh {
-        Some((r, i)) => (
-            read_state::<E, N>(r, m, bi, d0, nb),
-            read_state::<E, N>(i, m, bi, d0, nb),
-        ),
-        None => (z, z),
-    };
     let f = |x: E| x.to_f64().unwrap_or(f64::NAN);
-    let mut out = BwdTask {
-        dp: vec![0.0; nb * N],
-        dqr: vec![0.0; nb * N],
-        dqi: vec![0.0; nb * N],
-        der: vec![0.0; nb * N],
-        dei: vec![0.0; nb * N],
-        dom: vec![0.0; nb],
-        dh0r: vec![0.0; nb * N],
-        dh0i: vec![0.0; nb * N],
-    };
+    // per block: coefficients, adjoint of the state after the current step
+    // (complex: dL/dh_re + i dL/dh_im), gradients
+    let mut blocks: Vec<(Local<E, N>, Tile<E, N>, Tile<E, N>, BwdTask)> = (glo..ghi)
+        .map(|g| {
+            let (bi, d0, nb) = dm.block(g);
+            let (ar, ai) = match gh {
+                Some((r, i)) => (
+                    read_state::<E, N>(r, m, bi, d0, nb),
+                    read_state::<E, N>(i, m, bi, d0, nb),
+                ),
+                None => (z, z),
+            };
+            let out = BwdTask {
+                dp: vec![0.0; nb * N],
+                dqr: vec![0.0; nb * N],
+                dqi: vec![0.0; nb * N],
+                der: vec![0.0; nb * N],
+                dei: vec![0.0; nb * N],
+                dom: vec![0.0; nb],
+                dh0r: vec![0.0; nb * N],
+                dh0i: vec![0.0; nb * N],
+            };
+            (Local::<E, N>::new(co, d0, nb), ar, ai, out)
+        })
+        .collect();
     // states of one segment: buf[j] = state before step i0 + j, j = 0..=len
     #[allow(clippy::useless_vec)] // up to 130 KB: keep it off the (worker thread) stack
     let mut buf_r = vec![z; SEG + 1];
@@ -438,71 +471,82 @@ fn bwd_task<E: Float, const N: usize>(
     for s in (0..dm.nseg()).rev() {
         let i0 = s * SEG;
         let len = SEG.min(t - i0);
-        buf_r[0] = fwd.ck_r[s];
-        buf_i[0] = fwd.ck_i[s];
-        for j in 0..len {
-            let row = (bi * t + dm.time(i0 + j)) * m + d0;
-            let x = load(u, row, nb);
-            let (br0, br1) = buf_r.split_at_mut(j + 1);
-            let (bi0, bi1) = buf_i.split_at_mut(j + 1);
-            step(&l, &x, &br0[j], &bi0[j], &mut br1[0], &mut bi1[0]);
-        }
-        // segment-local accumulators in E, flushed to f64
-        let (mut dp, mut dqr, mut dqi, mut der, mut dei) = (z, z, z, z, z);
-        let mut dom = [E::zero(); DB];
-        for j in (0..len).rev() {
-            let row = (bi * t + dm.time(i0 + j)) * m + d0;
-            let x = load(u, row, nb);
-            let g = load(gy, row, nb);
-            let (hr, hi) = (&buf_r[j + 1], &buf_i[j + 1]);
-            let (pr, pi) = (&buf_r[j], &buf_i[j]);
-            let mut du = [E::zero(); DB];
-            for dd in 0..DB {
-                dom[dd] += g[dd] * x[dd];
-                du[dd] = l.om[dd] * g[dd];
+        for (g, (l, ar, ai, out)) in (glo..ghi).zip(blocks.iter_mut()) {
+            let (bi, d0, nb) = dm.block(g);
+            let fw = &fwd[g - glo];
+            buf_r[0] = fw.ck_r[s];
+            buf_i[0] = fw.ck_i[s];
+            for j in 0..len {
+                let row = (bi * t + dm.time(i0 + j)) * m + d0;
+                let x = load(u, row, nb);
+                let (br0, br1) = buf_r.split_at_mut(j + 1);
+                let (bi0, bi1) = buf_i.split_at_mut(j + 1);
+                step(l, &x, &br0[j], &bi0[j], &mut br1[0], &mut bi1[0]);
             }
-            for k in 0..N {
+            // segment-local accumulators in E, flushed to f64
+            let (mut dp, mut dqr, mut dqi, mut der, mut dei) = (z, z, z, z, z);
+            let mut dom = [E::zero(); DB];
+            for j in (0..len).rev() {
+                let row = (bi * t + dm.time(i0 + j)) * m + d0;
+                let x = load(u, row, nb);
+                let g = load(gy, row, nb);
+                let (hr, hi) = (&buf_r[j + 1], &buf_i[j + 1]);
+                let (pr, pi) = (&buf_r[j], &buf_i[j]);
+                let mut du = [E::zero(); DB];
                 for dd in 0..DB {
-                    let gd = g[dd];
-                    der[k][dd] += gd * hr[k][dd];
-                    dei[k][dd] -= gd * hi[k][dd];
-                    let lr = l.er[k][dd] * gd + ar[k][dd];
-                    let li = ai[k][dd] - l.ei[k][dd] * gd;
-                    du[dd] += l.p[k][dd] * lr;
-                    dp[k][dd] += x[dd] * lr;
-                    dqr[k][dd] += lr * pr[k][dd] + li * pi[k][dd];
-                    dqi[k][dd] += li * pr[k][dd] - lr * pi[k][dd];
-                    ar[k][dd] = l.qr[k][dd] * lr + l.qi[k][dd] * li;
-                    ai[k][dd] = l.qr[k][dd] * li - l.qi[k][dd] * lr;
+                    dom[dd] += g[dd] * x[dd];
+                    du[dd] = l.om[dd] * g[dd];
+                }
+                for k in 0..N {
+                    for dd in 0..DB {
+                        let gd = g[dd];
+                        der[k][dd] += gd * hr[k][dd];
+                        dei[k][dd] -= gd * hi[k][dd];
+                        let lr = l.er[k][dd] * gd + ar[k][dd];
+                        let li = ai[k][dd] - l.ei[k][dd] * gd;
+                        du[dd] += l.p[k][dd] * lr;
+                        dp[k][dd] += x[dd] * lr;
+                        dqr[k][dd] += lr * pr[k][dd] + li * pi[k][dd];
+                        dqi[k][dd] += li * pr[k][dd] - lr * pi[k][dd];
+                        ar[k][dd] = l.qr[k][dd] * lr + l.qi[k][dd] * li;
+                        ai[k][dd] = l.qr[k][dd] * li - l.qi[k][dd] * lr;
+                    }
+                }
+                for (dd, v) in du.iter().enumerate().take(nb) {
+                    // SAFETY: each task touches only its own (batch, channel) elements.
+                    unsafe {
+                        let p = gu.0.add(row + dd);
+                        *p += *v;
+                    }
                 }
             }
-            for (dd, v) in du.iter().enumerate().take(nb) {
-                // SAFETY: each task touches only its own (batch, channel) elements.
-                unsafe {
-                    let p = gu.0.add(row + dd);
-                    *p += *v;
+            for dd in 0..nb {
+                out.dom[dd] += f(dom[dd]);
+                for k in 0..N {
+                    let o = dd * N + k;
+                    out.dp[o] += f(dp[k][dd]);
+                    out.dqr[o] += f(dqr[k][dd]);
+                    out.dqi[o] += f(dqi[k][dd]);
+                    out.der[o] += f(der[k][dd]);
+                    out.dei[o] += f(dei[k][dd]);
                 }
-            }
-        }
-        for dd in 0..nb {
-            out.dom[dd] += f(dom[dd]);
-            for k in 0..N {
-                let o = dd * N + k;
-                out.dp[o] += f(dp[k][dd]);
-                out.dqr[o] += f(dqr[k][dd]);
-                out.dqi[o] += f(dqi[k][dd]);
-                out.der[o] += f(der[k][dd]);
-                out.dei[o] += f(dei[k][dd]);
             }
         }
     }
-    for dd in 0..nb {
-        for k in 0..N {
-            out.dh0r[dd * N + k] = f(ar[k][dd]);
-            out.dh0i[dd * N + k] = f(ai[k][dd]);
-        }
-    }
-    out
+    blocks
+        .into_iter()
+        .zip(glo..ghi)
+        .map(|((_, ar, ai, mut out), g)| {
+            let nb = dm.block(g).2;
+            for dd in 0..nb {
+                for k in 0..N {
+                    out.dh0r[dd * N + k] = f(ar[k][dd]);
+                    out.dh0i[dd * N + k] = f(ai[k][dd]);
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// Whether the AVX2 builds of the kernels can run here (checked once).
@@ -530,7 +574,7 @@ unsafe fn fwd_task_avx2<E: Float, const N: usize>(
     h0: Option<(&[E], &[E])>,
     y: SyncPtr<E>,
     save: bool,
-) -> FwdTask<E, N> {
+) -> Vec<FwdTask<E, N>> {
     fwd_task(co, dm, task, u, h0, y, save)
 }
 
@@ -545,9 +589,9 @@ unsafe fn bwd_task_avx2<E: Float, const N: usize>(
     u: &[E],
     gy: &[E],
     gh: Option<(&[E], &[E])>,
-    fwd: &FwdTask<E, N>,
+    fwd: &[FwdTask<E, N>],
     gu: SyncPtr<E>,
-) -> BwdTask {
+) -> Vec<BwdTask> {
     bwd_task(co, dm, task, u, gy, gh, fwd, gu)
 }
 
@@ -561,7 +605,7 @@ fn fwd_dispatch<E: Float, const N: usize>(
     h0: Option<(&[E], &[E])>,
     y: SyncPtr<E>,
     save: bool,
-) -> FwdTask<E, N> {
+) -> Vec<FwdTask<E, N>> {
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time).
@@ -579,9 +623,9 @@ fn bwd_dispatch<E: Float, const N: usize>(
     u: &[E],
     gy: &[E],
     gh: Option<(&[E], &[E])>,
-    fwd: &FwdTask<E, N>,
+    fwd: &[FwdTask<E, N>],
     gu: SyncPtr<E>,
-) -> BwdTask {
+) -> Vec<BwdTask> {
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time).
@@ -618,14 +662,19 @@ where
         );
     }
     let dev = u.device().clone();
+    let parallel = b * t * M * N >= PAR_MIN_WORK;
     let dm = Dims {
         b,
         t,
         m: M,
         nblk: M.div_ceil(DB),
+        groups: if parallel {
+            num_threads().div_ceil(b).clamp(1, M.div_ceil(DB))
+        } else {
+            1
+        },
         rev,
     };
-    let parallel = b * t * M * N >= PAR_MIN_WORK;
     let co = Coefs::<E>::new(ema);
 
     let (u, mut tape) = u.contiguous().split_tape();
@@ -651,6 +700,9 @@ where
         par_map(dm.tasks(), parallel, move |i| {
             fwd_dispatch::<E, N>(co, &dm, i, uv, h0s, yp, save)
         })
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
     };
     let y = dev.tensor_from_vec(yv, (b, t, Const::<M>));
 
@@ -658,7 +710,7 @@ where
         let mut sr = vec![E::zero(); b * M * N];
         let mut si = vec![E::zero(); b * M * N];
         for (i, f) in fwd.iter().enumerate() {
-            let (bi, d0, nb) = dm.task(i);
+            let (bi, d0, nb) = dm.block(i);
             for dd in 0..nb {
                 for k in 0..N {
                     let o = (bi * M + d0 + dd) * N + k;
@@ -701,7 +753,8 @@ where
                 let (co, uv, gy, fwd) = (&co, &uv, &gy, &fwd);
                 let ghs = gh.as_ref().map(|(r, i)| (&r[..], &i[..]));
                 par_map(dm.tasks(), parallel, move |i| {
-                    bwd_dispatch::<E, N>(co, &dm, i, uv, gy, ghs, &fwd[i], gup)
+                    let (_, glo, ghi) = dm.group(i);
+                    bwd_dispatch::<E, N>(co, &dm, i, uv, gy, ghs, &fwd[glo..ghi], gup)
                 })
             };
             *E::host(grads.get_or_alloc_mut(&yg)?) = gy;
@@ -716,8 +769,8 @@ where
             let mut dom = vec![0.0; M];
             let mut dh0r = vec![0.0; b * mn];
             let mut dh0i = vec![0.0; b * mn];
-            for (i, r) in res.iter().enumerate() {
-                let (bi, d0, nb) = dm.task(i);
+            for (i, r) in res.iter().flatten().enumerate() {
+                let (bi, d0, nb) = dm.block(i);
                 for dd in 0..nb {
                     dom[d0 + dd] += r.dom[dd];
                     for k in 0..N {
