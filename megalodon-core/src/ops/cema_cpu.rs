@@ -378,10 +378,12 @@ fn fwd_task<E: Float, const N: usize>(
     for s in 0..nseg {
         for (g, (l, f)) in (glo..ghi).zip(blocks.iter_mut()) {
             let (bi, d0, nb) = dm.block(g);
-            let (hr, hi) = (&mut f.hr, &mut f.hi);
+            let l: &Local<E, N> = l;
+            // local copies (lets the compiler vectorize without aliasing doubts)
+            let (mut hr, mut hi) = (f.hr, f.hi);
             if save {
-                f.ck_r.push(*hr);
-                f.ck_i.push(*hi);
+                f.ck_r.push(hr);
+                f.ck_i.push(hi);
             }
             for i in s * SEG..t.min((s + 1) * SEG) {
                 let row = (bi * t + dm.time(i)) * m + d0;
@@ -402,6 +404,7 @@ fn fwd_task<E: Float, const N: usize>(
                     unsafe { *y.0.add(row + dd) = acc[dd] + l.om[dd] * x[dd] };
                 }
             }
+            (f.hr, f.hi) = (hr, hi);
         }
     }
     blocks.into_iter().map(|(_, f)| f).collect()
@@ -471,8 +474,11 @@ fn bwd_task<E: Float, const N: usize>(
     for s in (0..dm.nseg()).rev() {
         let i0 = s * SEG;
         let len = SEG.min(t - i0);
-        for (g, (l, ar, ai, out)) in (glo..ghi).zip(blocks.iter_mut()) {
+        for (g, (l, ar_b, ai_b, out)) in (glo..ghi).zip(blocks.iter_mut()) {
             let (bi, d0, nb) = dm.block(g);
+            // work on local copies (lets the compiler vectorize without aliasing doubts)
+            let l: &Local<E, N> = l;
+            let (mut ar, mut ai) = (*ar_b, *ai_b);
             let fw = &fwd[g - glo];
             buf_r[0] = fw.ck_r[s];
             buf_i[0] = fw.ck_i[s];
@@ -520,6 +526,7 @@ fn bwd_task<E: Float, const N: usize>(
                     }
                 }
             }
+            (*ar_b, *ai_b) = (ar, ai);
             for dd in 0..nb {
                 out.dom[dd] += f(dom[dd]);
                 for k in 0..N {
