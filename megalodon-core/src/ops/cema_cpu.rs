@@ -423,6 +423,9 @@ struct BwdTask {
     dh0i: Vec<f64>,
 }
 
+/// Backward state of one block: coefficients, adjoint (re, im), gradients.
+type BwdBlock<E, const N: usize> = (Local<E, N>, Tile<E, N>, Tile<E, N>, BwdTask);
+
 /// Backward of the blocks of one task (`fwd`: their forward records): adds into `gu`, returns
 /// the coefficient and h0 gradients per block.
 #[allow(clippy::too_many_arguments)]
@@ -443,7 +446,7 @@ fn bwd_task<E: Float, const N: usize>(
     let f = |x: E| x.to_f64().unwrap_or(f64::NAN);
     // per block: coefficients, adjoint of the state after the current step
     // (complex: dL/dh_re + i dL/dh_im), gradients
-    let mut blocks: Vec<(Local<E, N>, Tile<E, N>, Tile<E, N>, BwdTask)> = (glo..ghi)
+    let mut blocks: Vec<BwdBlock<E, N>> = (glo..ghi)
         .map(|g| {
             let (bi, d0, nb) = dm.block(g);
             let (ar, ai) = match gh {
