@@ -181,3 +181,61 @@ fn long_sequence_split_equals_one_call() {
     assert!(max_abs_diff(&s2.var.as_vec(), &s_full.var.as_vec()) < 1e-10);
     assert!(max_abs_diff(&s2.mean.as_vec(), &s_full.mean.as_vec()) < 1e-10);
 }
+
+#[test]
+fn wrong_mask_length_is_an_error() {
+    let dev: Cpu = Default::default();
+    let tn = TimestepNorm::<8, 2, f64, Cpu>::new(&dev, 1e-5);
+    let sn = megalodon_core::nn::timestep_norm::SequenceNorm::<8, 2, f64, Cpu>::new(&dev, 1e-5);
+    let x: Tensor<(usize, usize, Const<8>), f64, _> = dev.sample_normal_like(&(2, 5, Const));
+    let short = vec![false; 9];
+    let e = tn
+        .try_forward(x.clone(), None, Some(&short))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(e.contains("10") && e.contains('9'), "{e}");
+    assert!(sn.try_forward(x, Some(&short)).is_err());
+}
+
+#[test]
+fn sequence_norm_matches_a_direct_computation() {
+    // non-causal group norm over all real steps of each row, padded steps output 0
+    let dev: Cpu = Default::default();
+    let mut sn = megalodon_core::nn::timestep_norm::SequenceNorm::<8, 2, f64, Cpu>::new(&dev, 1e-5);
+    sn.weight = dev.sample_normal();
+    sn.bias = dev.sample_normal();
+    let (b, t) = (2, 7);
+    let x: Tensor<(usize, usize, Const<8>), f64, _> = dev.sample_normal_like(&(b, t, Const));
+    let pad: Vec<bool> = (0..b * t).map(|i| i == 3 || i >= 12).collect();
+    let y = sn.try_forward(x.clone(), Some(&pad)).unwrap().as_vec();
+    let (xv, w, bias) = (x.as_vec(), sn.weight.as_vec(), sn.bias.as_vec());
+    for bi in 0..b {
+        for g in 0..2 {
+            let vals: Vec<f64> = (0..t)
+                .filter(|&ti| !pad[bi * t + ti])
+                .flat_map(|ti| (0..4).map(move |f| (ti, f)))
+                .map(|(ti, f)| xv[(bi * t + ti) * 8 + g * 4 + f])
+                .collect();
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+            for ti in 0..t {
+                for f in 0..4 {
+                    let i = (bi * t + ti) * 8 + g * 4 + f;
+                    let want = if pad[bi * t + ti] {
+                        0.0
+                    } else {
+                        (xv[i] - mean) / (var + 1e-5).sqrt() * (1.0 + w[g * 4 + f])
+                            + bias[g * 4 + f]
+                    };
+                    assert!(
+                        (y[i] - want).abs() < 1e-9,
+                        "b{bi} t{ti} f{}: {} vs {want}",
+                        g * 4 + f,
+                        y[i]
+                    );
+                }
+            }
+        }
+    }
+}

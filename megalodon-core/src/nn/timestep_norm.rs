@@ -48,6 +48,23 @@ impl<const G: usize, E: Float, D: Device<E>> NormState<G, E, D> {
     }
 }
 
+/// Per-step flags (`true` = real step) from an optional row-major `B*T` padding mask
+/// (`true` = padding); the error names the expected length.
+fn real_steps(pad: Option<&[bool]>, b: usize, t: usize) -> Result<Vec<bool>> {
+    match pad {
+        Some(p) => {
+            ensure!(
+                p.len() == b * t,
+                "padding mask has {} entries, expected B*T = {}",
+                p.len(),
+                b * t
+            );
+            Ok(p.iter().map(|&x| !x).collect())
+        }
+        None => Ok(vec![true; b * t]),
+    }
+}
+
 /// Causal group norm over `M` features in `G` contiguous groups. Weight is applied as `1 + w`.
 pub struct TimestepNorm<const M: usize, const G: usize, E: Dtype, D: Device<E>> {
     pub weight: Tensor<Rank1<M>, E, D>,
@@ -106,27 +123,15 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> TimestepNorm<M, G, 
                 (e.count, e.mean.retaped::<T>(), e.var.retaped::<T>())
             }
         };
-        if let Some(p) = pad {
-            ensure!(
-                p.len() == b * t,
-                "padding mask has {} entries, expected B*T = {}",
-                p.len(),
-                b * t
-            );
-        }
         // host-side step counts n_t (depend only on the mask)
-        let mut keep = vec![c::<E>(1.0); b * t];
+        let real = real_steps(pad, b, t)?;
+        let keep: Vec<E> = real.iter().map(|&r| c(if r { 1.0 } else { 0.0 })).collect();
         let mut ninv = vec![c::<E>(0.0); b * t];
         let mut final_count = count0.clone();
         for bi in 0..b {
             let mut n = count0[bi];
             for ti in 0..t {
-                let padded = pad.map(|p| p[bi * t + ti]).unwrap_or(false);
-                if padded {
-                    keep[bi * t + ti] = c(0.0);
-                } else {
-                    n += 1;
-                }
+                n += usize::from(real[bi * t + ti]);
                 ninv[bi * t + ti] = c(1.0 / n.max(1) as f64);
             }
             final_count[bi] = n;
@@ -228,27 +233,12 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> SequenceNorm<M, G, 
         ensure!(t > 0, "SequenceNorm: empty sequence");
         let dev = x.device().clone();
         let gs = M / G;
-        let mut keep = vec![c::<E>(1.0); b * t];
-        let mut ninv = vec![c::<E>(0.0); b];
-        for bi in 0..b {
-            let mut n = 0usize;
-            for ti in 0..t {
-                if pad.map(|p| p[bi * t + ti]).unwrap_or(false) {
-                    keep[bi * t + ti] = c(0.0);
-                } else {
-                    n += 1;
-                }
-            }
-            ninv[bi] = c(1.0 / n.max(1) as f64);
-        }
-        if let Some(p) = pad {
-            ensure!(
-                p.len() == b * t,
-                "padding mask has {} entries, expected B*T = {}",
-                p.len(),
-                b * t
-            );
-        }
+        let real = real_steps(pad, b, t)?;
+        let keep: Vec<E> = real.iter().map(|&r| c(if r { 1.0 } else { 0.0 })).collect();
+        let ninv: Vec<E> = real
+            .chunks(t)
+            .map(|row| c(1.0 / row.iter().filter(|&&r| r).count().max(1) as f64))
+            .collect();
         let keep_t: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(keep, (b, t));
         let ninv_t: Tensor<(usize,), E, D> = dev.tensor_from_vec(ninv, (b,));
         let shp3 = (b, t, Const::<G>);
