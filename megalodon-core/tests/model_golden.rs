@@ -347,3 +347,41 @@ fn streaming_state_memory_is_constant() {
     );
     let _ = LayerState::<32, 2, 4, 4, f32, Cpu>::new(&Cpu::default(), 1);
 }
+
+#[test]
+fn rewindowed_norm_statistics_cover_the_last_chunks() {
+    use megalodon_core::nn::model::Rewindow;
+    let g = fixture("megalodon-golden-tiny.json");
+    let m = tiny_from(&g);
+    let c = 8;
+    let toks: Vec<usize> = (0..10 * c).map(|i| (i * 13 + 5) % 50).collect();
+    // official pattern: calls of 2 chunks, window 8 chunks refreshed every 2
+    let mut st = m.new_state_rewindowed(1, Rewindow::official()).unwrap();
+    let mut cumulative = m.new_state(1);
+    let mut diffs = Vec::new();
+    for call in toks.chunks(2 * c) {
+        let a = to_f64(&m.forward_stream(call, 1, call.len(), &mut st).unwrap());
+        let b = to_f64(
+            &m.forward_stream(call, 1, call.len(), &mut cumulative)
+                .unwrap(),
+        );
+        diffs.push(max_abs_diff(&a, &b));
+    }
+    // no refresh before the window (8 chunks) is full: the first four calls are cumulative mode;
+    // the fifth runs with the re-windowed statistics
+    assert!(diffs[..4].iter().all(|&d| d == 0.0), "{diffs:?}");
+    assert!(diffs[4] > 1e-4, "{diffs:?}");
+    // after the refresh at 10 chunks the statistics are those of a fresh run on the last 6 chunks
+    let mut fresh = m.new_state(1);
+    m.forward_stream(&toks[4 * c..], 1, 6 * c, &mut fresh)
+        .unwrap();
+    for (a, b) in st.layers.iter().zip(&fresh.layers) {
+        assert_eq!(a.norm.count, b.norm.count);
+        assert!(max_abs_diff(&to_f64(&a.norm.mean), &to_f64(&b.norm.mean)) < 1e-6);
+        assert!(max_abs_diff(&to_f64(&a.norm.var), &to_f64(&b.norm.var)) < 1e-6);
+    }
+    assert!(max_abs_diff(&to_f64(&st.final_norm.var), &to_f64(&fresh.final_norm.var)) < 1e-6);
+    assert_eq!(cumulative.layers[0].norm.count, vec![10 * c]);
+    assert_eq!(st.layers[0].norm.count, vec![6 * c]);
+    assert!(m.new_state_rewindowed(1, Rewindow::new(2, 2)).is_err());
+}

@@ -57,6 +57,41 @@ pub struct ModelState<
     pub final_norm: NormState<G, E, D>,
     /// Tokens processed per batch row so far.
     pub position: usize,
+    /// TimestepNorm re-windowing (official long-context evaluation); `None` = cumulative.
+    pub rewindow: Option<Rewindow>,
+}
+
+/// TimestepNorm re-windowing, as in the official evaluation loop (`megalodon/inference.py`,
+/// `utils.truncate_cache`, spec section 10.3): once the stream holds at least `window` chunks,
+/// every time it crosses a multiple of `every` chunks the model is re-run from an empty state on
+/// the last `window - every` chunks of tokens and *only* the TimestepNorm states (every layer and
+/// the final norm) are replaced by that run's; CEMA and KV states are kept. The normalisation
+/// statistics then cover a sliding window of `window - every` to `window` chunks. Memory stays
+/// constant: the last `window - every` chunks of token ids are kept.
+#[derive(Debug, Clone)]
+pub struct Rewindow {
+    /// Official `TRUNCATE_CHUNKS` (8).
+    pub window: usize,
+    /// Official `MAX_CHUNKS_PER_BATCH` (2).
+    pub every: usize,
+    /// Last `(window - every) * chunk` token ids per batch row.
+    history: Vec<std::collections::VecDeque<usize>>,
+}
+
+impl Rewindow {
+    /// The official setting: window 8 chunks, refreshed every 2 chunks.
+    pub fn official() -> Self {
+        Self::new(8, 2)
+    }
+
+    /// A window of `window` chunks refreshed every `every` chunks (`0 < every < window`).
+    pub fn new(window: usize, every: usize) -> Self {
+        Self {
+            window,
+            every,
+            history: Vec::new(),
+        }
+    }
 }
 
 impl<
@@ -171,7 +206,28 @@ impl<
             layers: (0..L).map(|_| LayerState::new(dev, batch)).collect(),
             final_norm: NormState::empty(dev, batch),
             position: 0,
+            rewindow: None,
         }
+    }
+
+    /// A fresh streaming state that re-windows the TimestepNorm statistics (see [`Rewindow`]).
+    pub fn new_state_rewindowed(
+        &self,
+        batch: usize,
+        rewindow: Rewindow,
+    ) -> Result<ModelState<M, H, N, G, E, D>> {
+        ensure!(
+            rewindow.every > 0 && rewindow.every < rewindow.window,
+            "re-windowing needs 0 < every ({}) < window ({})",
+            rewindow.every,
+            rewindow.window
+        );
+        let mut st = self.new_state(batch);
+        st.rewindow = Some(Rewindow {
+            history: vec![Default::default(); batch],
+            ..rewindow
+        });
+        Ok(st)
     }
 
     fn token_index(
@@ -272,7 +328,31 @@ impl<
         t: usize,
         state: &mut ModelState<M, H, N, G, E, D>,
     ) -> Result<Logits<E, D>> {
-        self.run(self.embed.clone(), tokens, b, t, Some(state), None)
+        let before = state.position;
+        let logits = self.run(self.embed.clone(), tokens, b, t, Some(state), None)?;
+        if let Some(rw) = state.rewindow.as_mut() {
+            let c = self.conf.chunk_size;
+            let keep = (rw.window - rw.every) * c;
+            for (bi, h) in rw.history.iter_mut().enumerate() {
+                h.extend(&tokens[bi * t..(bi + 1) * t]);
+                while h.len() > keep {
+                    h.pop_front();
+                }
+            }
+            let step = rw.every * c;
+            let after = state.position;
+            if after >= rw.window * c && after / step > before / step {
+                let window: Vec<usize> =
+                    rw.history.iter().flat_map(|h| h.iter().copied()).collect();
+                let mut fresh = self.new_state(b);
+                self.run(self.embed.clone(), &window, b, keep, Some(&mut fresh), None)?;
+                for (l, f) in state.layers.iter_mut().zip(fresh.layers) {
+                    l.norm = f.norm;
+                }
+                state.final_norm = fresh.final_norm;
+            }
+        }
+        Ok(logits)
     }
 
     /// Training forward: returns logits carrying a tape that accumulates into `grads` (make them
