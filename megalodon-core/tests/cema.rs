@@ -18,55 +18,8 @@ fn golden() -> Golden {
     .expect("golden file")
 }
 
-/// Flat parameter vectors (alpha, delta, theta, gamma, omega) in their tensor layouts.
-#[derive(Clone)]
-struct P {
-    alpha: Vec<f64>,
-    delta: Vec<f64>,
-    theta: Vec<f64>,
-    gamma: Vec<f64>,
-    omega: Vec<f64>,
-}
-
-impl P {
-    fn random(m: usize, n: usize, rng: &mut StdRng) -> Self {
-        let mut v = |k: usize, s: f64| {
-            (0..k)
-                .map(|_| s * (rng.gen::<f64>() * 2.0 - 1.0))
-                .collect::<Vec<_>>()
-        };
-        P {
-            alpha: v(m * n, 1.5),
-            delta: v(m * n, 1.5),
-            theta: v(m, 2.0),
-            gamma: v(m * n * 2, 1.0),
-            omega: v(m, 0.5),
-        }
-    }
-    fn from_golden(g: &Golden) -> Self {
-        let t = |k: &str| g.tensor(&["params", k]).unwrap().data;
-        P {
-            alpha: t("alpha"),
-            delta: t("delta"),
-            theta: t("theta"),
-            gamma: t("gamma"),
-            omega: t("omega"),
-        }
-    }
-    fn model<const M: usize, const N: usize, E: Dtype + num_traits::Float, D: Device<E>>(
-        &self,
-        dev: &D,
-    ) -> MultiHeadComplexEma<M, N, E, D> {
-        let cv = |v: &[f64]| v.iter().map(|&x| E::from(x).unwrap()).collect::<Vec<E>>();
-        MultiHeadComplexEma {
-            alpha: dev.tensor_from_vec(cv(&self.alpha), Rank3::<M, N, 1>::default()),
-            delta: dev.tensor_from_vec(cv(&self.delta), Rank3::<M, N, 1>::default()),
-            theta: dev.tensor_from_vec(cv(&self.theta), Rank3::<M, 1, 1>::default()),
-            gamma: dev.tensor_from_vec(cv(&self.gamma), Rank3::<M, N, 2>::default()),
-            omega: dev.tensor_from_vec(cv(&self.omega), Rank2::<M, 1>::default()),
-        }
-    }
-}
+mod common;
+use common::CemaParams as P;
 
 fn sig(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())

@@ -14,54 +14,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 const M: usize = 8;
 const N: usize = 4;
 
-/// Flat parameter vectors (alpha, delta, theta, gamma, omega) in their tensor layouts.
-#[derive(Clone)]
-struct P {
-    alpha: Vec<f64>,
-    delta: Vec<f64>,
-    theta: Vec<f64>,
-    gamma: Vec<f64>,
-    omega: Vec<f64>,
-}
-
-impl P {
-    fn random(rng: &mut StdRng) -> Self {
-        let mut v = |k: usize, s: f64| {
-            (0..k)
-                .map(|_| s * (rng.gen::<f64>() * 2.0 - 1.0))
-                .collect::<Vec<_>>()
-        };
-        P {
-            alpha: v(M * N, 1.5),
-            delta: v(M * N, 1.5),
-            theta: v(M, 2.0),
-            gamma: v(M * N * 2, 1.0),
-            omega: v(M, 0.5),
-        }
-    }
-    fn from_golden(g: &Golden) -> Self {
-        let t = |k: &str| g.tensor(&["params", k]).unwrap().data;
-        P {
-            alpha: t("alpha"),
-            delta: t("delta"),
-            theta: t("theta"),
-            gamma: t("gamma"),
-            omega: t("omega"),
-        }
-    }
-    fn model<E: Float>(&self, dev: &Cpu) -> MultiHeadComplexEma<M, N, E, Cpu>
-    where
-        Cpu: Device<E>,
-    {
-        MultiHeadComplexEma {
-            alpha: dev.tensor_from_vec(cv(&self.alpha), Rank3::<M, N, 1>::default()),
-            delta: dev.tensor_from_vec(cv(&self.delta), Rank3::<M, N, 1>::default()),
-            theta: dev.tensor_from_vec(cv(&self.theta), Rank3::<M, 1, 1>::default()),
-            gamma: dev.tensor_from_vec(cv(&self.gamma), Rank3::<M, N, 2>::default()),
-            omega: dev.tensor_from_vec(cv(&self.omega), Rank2::<M, 1>::default()),
-        }
-    }
-}
+mod common;
+use common::CemaParams as P;
 
 fn cv<E: Float>(v: &[f64]) -> Vec<E> {
     v.iter().map(|&x| E::from(x).unwrap()).collect()
@@ -118,7 +72,7 @@ where
     Cpu: MegaDevice<E>,
 {
     let dev = Cpu::default();
-    let ema = p.model::<E>(&dev);
+    let ema = p.model::<M, N, E, _>(&dev);
     let (b, t) = (x.b, x.t);
     let seq = |v: &[f64]| -> Tensor<(usize, usize, Const<M>), E, Cpu> {
         dev.tensor_from_vec(cv(v), (b, t, Const))
@@ -189,7 +143,7 @@ where
     Cpu: MegaDevice<E>,
 {
     let mut rng = StdRng::seed_from_u64(seed);
-    let p = P::random(&mut rng);
+    let p = P::random(M, N, &mut rng);
     let mut worst = 0.0f64;
     for t in [1usize, 5, 100, 300] {
         let x = Inputs::random(2, t, &mut rng);
@@ -300,7 +254,7 @@ where
         ("grads_h0", true, false),
         ("grads_h0_with_state_loss", true, true),
     ] {
-        let ema = p.model::<E>(&dev);
+        let ema = p.model::<M, N, E, _>(&dev);
         let seq = |v: &[f64]| -> Tensor<(usize, usize, Const<M>), E, Cpu> {
             dev.tensor_from_vec(cv(v), (b, t, Const))
         };
@@ -362,8 +316,8 @@ fn golden_through_op_f64() {
 fn op_state_carry_equals_one_call() {
     let dev = Cpu::default();
     let mut rng = StdRng::seed_from_u64(13);
-    let p = P::random(&mut rng);
-    let ema = p.model::<f64>(&dev);
+    let p = P::random(M, N, &mut rng);
+    let ema = p.model::<M, N, f64, _>(&dev);
     let (b, t, t1) = (2usize, 150usize, 61usize);
     let u: Vec<f64> = (0..b * t * M)
         .map(|_| rng.gen::<f64>() * 2.0 - 1.0)
@@ -432,7 +386,7 @@ fn op_state_carry_equals_one_call() {
 fn op_noncontiguous_input_and_accumulation() {
     let dev = Cpu::default();
     let mut rng = StdRng::seed_from_u64(17);
-    let p = P::random(&mut rng);
+    let p = P::random(M, N, &mut rng);
     let (b, t) = (3usize, 70usize);
     let x = Inputs::random(b, t, &mut rng);
     // u stored time-major (T, B, M), viewed as (B, T, M)
@@ -442,7 +396,7 @@ fn op_noncontiguous_input_and_accumulation() {
         .collect();
     let mut res = Vec::new();
     for op in [false, true] {
-        let ema = p.model::<f64>(&dev);
+        let ema = p.model::<M, N, f64, _>(&dev);
         let base: Tensor<(usize, usize, Const<M>), f64, Cpu> =
             dev.tensor_from_vec(ut.clone(), (t, b, Const));
         let gt: Tensor<(usize, usize, Const<M>), f64, Cpu> =
