@@ -4,6 +4,23 @@
 //! `XuezheMax/megalodon`) on dfdx 0.13 with compile-time model widths: TimestepNorm, complex EMA,
 //! normalized chunked attention with RoPE, normalized FFN, two-hop residual, the backbone, its
 //! streaming state and checkpoints with the official state-dict key names.
+//!
+//! ```
+//! use dfdx::prelude::*;
+//! use megalodon_core::presets::{Tiny, TINY_CHUNK};
+//!
+//! let dev: Cpu = Default::default();
+//! let model = Tiny::<f32, Cpu>::new(&dev, Tiny::<f32, Cpu>::default_conf(TINY_CHUNK, 50), 0)?;
+//! let tokens: Vec<usize> = (0..20).map(|i| (i * 7) % 50).collect();
+//! let full = model.forward(&tokens, 1, 20)?.as_vec(); // (1, 20, 50) logits
+//!
+//! // streaming in any split gives the same logits, with constant-size state
+//! let mut state = model.new_state(1);
+//! model.forward_stream(&tokens[..7], 1, 7, &mut state)?;
+//! let rest = model.forward_stream(&tokens[7..], 1, 13, &mut state)?.as_vec();
+//! assert!((full[7 * 50] - rest[0]).abs() < 1e-4);
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
 pub mod checkpoint;
 pub mod config;
