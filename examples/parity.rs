@@ -62,21 +62,11 @@ fn run(args: &Args) -> Result<(f64, f64)> {
     );
     let want_inc = g.tensor_shaped(&["logits_incremental"], &[b, total, v])?;
     let mut state = model.new_state(b);
-    let mut inc = vec![0.0; b * total * v];
-    let mut pos = 0;
-    for &n in &split {
-        let chunk: Vec<usize> = (0..b)
-            .flat_map(|bi| tokens[bi * t + pos..bi * t + pos + n].to_vec())
-            .collect();
-        let l = to_f64(&model.forward_stream(&chunk, b, n, &mut state)?);
-        for bi in 0..b {
-            for i in 0..n {
-                let (src, dst) = ((bi * n + i) * v, (bi * total + pos + i) * v);
-                inc[dst..dst + v].copy_from_slice(&l[src..src + v]);
-            }
-        }
-        pos += n;
-    }
+    let inc: Vec<f64> = model
+        .forward_in_calls(&tokens, b, t, &split, &mut state)?
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
     let d_inc = max_abs_diff(&inc, &want_inc.data);
     println!(
         "file: {} (B {b}, T {t}, swiglu {}, split {:?})",

@@ -21,3 +21,15 @@ pub fn to_f64<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, T>) -> Ve
         .map(|x| x.to_f64().unwrap_or(f64::NAN))
         .collect()
 }
+
+/// Steps `lo..hi` of a row-major `(B, T, W)` buffer, as a row-major `(B, hi - lo, W)` buffer.
+pub fn time_slice<X: Copy>(v: &[X], b: usize, t: usize, w: usize, lo: usize, hi: usize) -> Vec<X> {
+    assert!(
+        lo <= hi && hi <= t && v.len() == b * t * w,
+        "time_slice: steps {lo}..{hi} of a ({b}, {t}, {w}) buffer of {} values",
+        v.len()
+    );
+    (0..b)
+        .flat_map(|bi| v[(bi * t + lo) * w..(bi * t + hi) * w].iter().copied())
+        .collect()
+}

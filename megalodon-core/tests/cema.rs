@@ -415,9 +415,7 @@ fn state_carry_equals_one_call() {
         .map(|_| rng.gen::<f64>() * 2.0 - 1.0)
         .collect();
     let part = |lo: usize, hi: usize| -> Tensor<(usize, usize, Const<M>), f64, Cpu> {
-        let v: Vec<f64> = (0..b)
-            .flat_map(|bi| u[(bi * t + lo) * M..(bi * t + hi) * M].to_vec())
-            .collect();
+        let v = megalodon_core::util::time_slice(&u, b, t, M, lo, hi);
         dev.tensor_from_vec(v, (b, hi - lo, Const))
     };
     let (y, s) = cema
@@ -548,9 +546,7 @@ fn state_carry_gradients_equal_one_call() {
         .map(|_| rng.gen::<f64>() * 2.0 - 1.0)
         .collect();
     let part = |v: &[f64], lo: usize, hi: usize| -> Tensor<(usize, usize, Const<M>), f64, Cpu> {
-        let w: Vec<f64> = (0..b)
-            .flat_map(|bi| v[(bi * t + lo) * M..(bi * t + hi) * M].to_vec())
-            .collect();
+        let w = megalodon_core::util::time_slice(v, b, t, M, lo, hi);
         dev.tensor_from_vec(w, (b, hi - lo, Const))
     };
     // one call

@@ -36,13 +36,9 @@ fn tiny_on_cuda_matches_official_logits_and_trains() {
     println!("cuda full max|diff| = {d:.3e}");
     assert!(d < 1e-4);
     let mut state = m.new_state(b);
-    let first: Vec<usize> = (0..b)
-        .flat_map(|bi| tokens[bi * t..bi * t + 11].to_vec())
-        .collect();
+    let first = megalodon_core::util::time_slice(&tokens, b, t, 1, 0, 11);
     let l = to_f64(&m.forward_stream(&first, b, 11, &mut state).unwrap());
-    let want: Vec<f64> = (0..b)
-        .flat_map(|bi| full[bi * t * 50..(bi * t + 11) * 50].to_vec())
-        .collect();
+    let want = megalodon_core::util::time_slice(&full, b, t, 50, 0, 11);
     assert!(max_abs_diff(&l, &want) < 1e-4);
 
     let mut opt = AdamW::<f32, Cuda>::new(OptimConf {

@@ -46,27 +46,10 @@ fn incremental(
     b: usize,
     t: usize,
     split: &[usize],
-) -> (Vec<f64>, usize) {
+) -> Vec<f64> {
     let mut state = m.new_state(b);
-    let v = m.vocab_size();
-    let total: usize = split.iter().sum();
-    let mut out = vec![0.0; b * total * v];
-    let mut pos = 0;
-    for &n in split {
-        let chunk: Vec<usize> = (0..b)
-            .flat_map(|bi| toks[bi * t + pos..bi * t + pos + n].to_vec())
-            .collect();
-        let l = to_f64(&m.forward_stream(&chunk, b, n, &mut state).unwrap());
-        for bi in 0..b {
-            for i in 0..n {
-                let src = (bi * n + i) * v;
-                let dst = (bi * total + pos + i) * v;
-                out[dst..dst + v].copy_from_slice(&l[src..src + v]);
-            }
-        }
-        pos += n;
-    }
-    (out, total)
+    let l = m.forward_in_calls(toks, b, t, split, &mut state).unwrap();
+    l.iter().map(|&x| x as f64).collect()
 }
 
 fn check_model(file: &str) {
@@ -79,7 +62,7 @@ fn check_model(file: &str) {
     println!("{file}: full max|diff| = {d_full:.3e} (vs fp64 reference {d_ref:.3e})");
     assert!(d_full < 1e-4, "{file}: full logits differ by {d_full}");
     let split = g.usizes(&["incremental_split"]).unwrap();
-    let (inc, _) = incremental(&m, &toks, b, t, &split);
+    let inc = incremental(&m, &toks, b, t, &split);
     let d_inc = max_abs_diff(&inc, &g.tensor(&["logits_incremental"]).unwrap().data);
     println!("{file}: incremental max|diff| = {d_inc:.3e}");
     assert!(d_inc < 1e-4, "{file}: incremental logits differ by {d_inc}");
@@ -102,14 +85,7 @@ fn final_streaming_state_matches_official_cache() {
     let (toks, b, t) = tokens(&g);
     let mut state = m.new_state(b);
     let split = g.usizes(&["incremental_split"]).unwrap();
-    let mut pos = 0;
-    for &n in &split {
-        let chunk: Vec<usize> = (0..b)
-            .flat_map(|bi| toks[bi * t + pos..bi * t + pos + n].to_vec())
-            .collect();
-        m.forward_stream(&chunk, b, n, &mut state).unwrap();
-        pos += n;
-    }
+    m.forward_in_calls(&toks, b, t, &split, &mut state).unwrap();
     let layers = g
         .value(&["final_cache", "layers"])
         .unwrap()
@@ -323,7 +299,7 @@ fn streaming_in_any_split_equals_one_call() {
         vec![8, 8, 8, 8, 9],
         vec![13, 28],
     ] {
-        let (inc, _) = incremental(&m, &toks, b, t, &split);
+        let inc = incremental(&m, &toks, b, t, &split);
         let d = max_abs_diff(&inc, &full);
         assert!(d < 2e-5, "split {split:?}: max diff {d}");
     }

@@ -326,9 +326,7 @@ fn op_state_carry_equals_one_call() {
         .map(|_| rng.gen::<f64>() * 2.0 - 1.0)
         .collect();
     let part = |v: &[f64], lo: usize, hi: usize| -> Tensor<(usize, usize, Const<M>), f64, Cpu> {
-        let w: Vec<f64> = (0..b)
-            .flat_map(|bi| v[(bi * t + lo) * M..(bi * t + hi) * M].to_vec())
-            .collect();
+        let w = megalodon_core::util::time_slice(v, b, t, M, lo, hi);
         dev.tensor_from_vec(w, (b, hi - lo, Const))
     };
     let uf = part(&u, 0, t);

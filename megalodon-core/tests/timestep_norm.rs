@@ -154,9 +154,7 @@ fn golden_padding_mask_with_state() {
 }
 
 fn take_steps(v: &[f64], b: usize, t: usize, from: usize, to: usize) -> Vec<f64> {
-    (0..b)
-        .flat_map(|bi| v[(bi * t + from) * 8..(bi * t + to) * 8].to_vec())
-        .collect()
+    megalodon_core::util::time_slice(v, b, t, 8, from, to)
 }
 
 #[test]

@@ -355,6 +355,42 @@ impl<
         Ok(logits)
     }
 
+    /// Feeds `tokens` (row-major `B x T`) to the stream in `state` in calls of the lengths in
+    /// `split` (which may sum to less than T) and returns the logits of all calls concatenated
+    /// along time, row-major `(B, sum(split), V)`.
+    pub fn forward_in_calls(
+        &self,
+        tokens: &[usize],
+        b: usize,
+        t: usize,
+        split: &[usize],
+        state: &mut ModelState<M, H, N, G, E, D>,
+    ) -> Result<Vec<E>> {
+        let total: usize = split.iter().sum();
+        ensure!(
+            total <= t && !split.contains(&0),
+            "call lengths {split:?} must be positive and sum to at most T = {t}"
+        );
+        ensure!(
+            tokens.len() == b * t,
+            "token buffer has {} ids, expected B*T = {b}*{t}",
+            tokens.len()
+        );
+        let v = self.vocab_size();
+        let mut out = vec![c::<E>(0.0); b * total * v];
+        let mut pos = 0;
+        for &n in split {
+            let chunk = crate::util::time_slice(tokens, b, t, 1, pos, pos + n);
+            let l = self.forward_stream(&chunk, b, n, state)?.as_vec();
+            for bi in 0..b {
+                let dst = (bi * total + pos) * v;
+                out[dst..dst + n * v].copy_from_slice(&l[bi * n * v..(bi + 1) * n * v]);
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
     /// Training forward: returns logits carrying a tape that accumulates into `grads` (make them
     /// with [`crate::params::alloc_grads`]).
     pub fn forward_train(
