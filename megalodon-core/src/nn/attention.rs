@@ -23,7 +23,8 @@ pub type Heads<const H: usize, E, D, T = NoneTape> =
 pub struct Probe(pub BTreeMap<String, Vec<f64>>);
 
 impl Probe {
-    fn put<S: Shape, E: Dtype, D: Device<E>, T>(
+    /// Records `t` under `name` when a probe is attached.
+    pub(crate) fn put<S: Shape, E: Dtype, D: Device<E>, T>(
         probe: &mut Option<&mut Probe>,
         name: &str,
         t: &Tensor<S, E, D, T>,

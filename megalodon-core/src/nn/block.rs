@@ -67,9 +67,7 @@ impl<
             .mega
             .forward(x.retaped::<T>(), chunk, state, probe.as_deref_mut())?;
         let out = self.nffn.forward(y, x, &mut probe);
-        if let Some(p) = probe {
-            p.0.insert("out".into(), crate::util::to_f64(&out));
-        }
+        Probe::put(&mut probe, "out", &out);
         Ok(out)
     }
 }

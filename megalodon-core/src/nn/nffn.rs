@@ -51,16 +51,12 @@ impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F,
         probe: &mut Option<&mut Probe>,
     ) -> Seq<M, E, D, T> {
         let yn = self.norm.forward(y);
-        if let Some(p) = probe.as_deref_mut() {
-            p.0.insert("Yn".into(), crate::util::to_f64(&yn));
-        }
+        Probe::put(probe, "Yn", &yn);
         let u = match &self.fc3 {
             Some(fc3) => silu(self.fc1.forward(yn.retaped::<T>())) * fc3.forward(yn),
             None => silu(self.fc1.forward(yn)),
         };
-        if let Some(p) = probe.as_deref_mut() {
-            p.0.insert("U".into(), crate::util::to_f64(&u));
-        }
+        Probe::put(probe, "U", &u);
         let o = self.fc2.forward(u);
         let o = match &self.alpha {
             Some(a) => {
