@@ -12,10 +12,10 @@
 use anyhow::Result;
 use clap::Parser;
 use dfdx::prelude::*;
+use megalodon::tasks::CopyTask;
 use megalodon_core::fit::{fit, FitConf};
+use megalodon_core::optim::OptimConf;
 use megalodon_core::presets::{Tiny, TINY_CHUNK};
-use megalodon_core::tasks::CopyTask;
-use megalodon_core::train::OptimConf;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -49,11 +49,14 @@ struct Args {
     /// Continue from the latest checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Start over in a non-empty --out.
+    #[arg(long)]
+    force: bool,
     /// Checkpoint interval in steps.
     #[arg(long, default_value_t = 100)]
     ckpt_every: u64,
-    /// Print every this many steps.
-    #[arg(long, default_value_t = 50)]
+    /// Print every this many steps (at least 1).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     log_every: u64,
 }
 
@@ -68,6 +71,7 @@ fn main() -> Result<()> {
         batch: args.batch,
         seed: args.seed,
     };
+    task.validate()?;
     let conf = Tiny::<f32, Cpu>::default_conf(TINY_CHUNK, task.vocab());
     let mut model = Tiny::<f32, Cpu>::new(&dev, conf, args.seed)?;
     let optim = OptimConf {
@@ -82,7 +86,10 @@ fn main() -> Result<()> {
         ckpt_every: args.ckpt_every,
         out: args.out.clone(),
         resume: args.resume,
+        force: args.force,
         seed: args.seed,
+        data: task.identity(),
+        ..FitConf::default()
     };
     println!(
         "copy task: recall {} of {} symbols across {} chunks of {} tokens; chance loss = ln({}) = {:.3}",
@@ -100,7 +107,7 @@ fn main() -> Result<()> {
         &mut model,
         optim,
         &fc,
-        |step| Ok(task.batch(step)),
+        |step| task.batch(step),
         |l| {
             first.get_or_insert(l.loss);
             smooth = if l.step <= 1 {
@@ -127,7 +134,7 @@ fn main() -> Result<()> {
         batch: 256,
         ..task
     };
-    let b = eval.batch(0);
+    let b = eval.batch(0)?;
     let logits = model.forward(&b.tokens, b.batch, b.seq_len)?.as_vec();
     let v = task.vocab();
     let (mut hit, mut n) = (0usize, 0usize);

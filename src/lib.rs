@@ -5,9 +5,12 @@
 //!
 //! - [`core`]: TimestepNorm, complex EMA, chunked attention, the block, the LM, streaming state,
 //!   checkpoints with official key names, the training loop;
-//! - [`text`], [`vision`], [`audio`]: the modality crates.
+//! - [`text`], [`vision`], [`audio`]: the modality crates;
+//! - [`tasks`]: the synthetic long-range copy task (smoke tests, `train_copy`).
 
 pub use megalodon_audio as audio;
 pub use megalodon_core as core;
 pub use megalodon_text as text;
 pub use megalodon_vision as vision;
+
+pub mod tasks;

@@ -102,7 +102,7 @@ fn check_official_layout(file: &str) {
     let exported = dir.path().join("torch_export.safetensors");
     export_like_torch(&g, &exported);
     std::fs::rename(&exported, dir.path().join("model.safetensors")).unwrap();
-    let mut fresh = Tiny::<f32, Cpu>::new(&Cpu::default(), m.conf.clone(), 123).unwrap();
+    let mut fresh = Tiny::<f32, Cpu>::new(&Cpu::default(), m.conf().clone(), 123).unwrap();
     load_run_weights(dir.path(), &mut fresh).unwrap();
     let d = max_abs_diff(
         &to_f64(&fresh.forward(&tok, b, t).unwrap()),
@@ -160,7 +160,7 @@ fn wrong_weight_shape_names_key_and_shapes() {
     };
     export_like_torch(&bad, &dir.path().join("model.safetensors"));
     let mut m = golden_model(&g);
-    let conf = m.conf.clone();
+    let conf = m.conf().clone();
     save_run(dir.path().join("ok").as_path(), &conf, &mut m).unwrap();
     let err = format!(
         "{:#}",

@@ -152,14 +152,14 @@ fn bidirectional_block_gradients_match_finite_differences() {
     let t = 13; // one full chunk of 8 and a partial one: padded keys must be masked
     let x: Tensor<(usize, usize, Const<16>), f64, _> = dev.sample_normal_like(&(2, t, Const));
     let w: Tensor<(usize, usize, Const<16>), f64, _> = dev.sample_normal_like(&(2, t, Const));
-    let out = blk.forward(x.leaky_trace(), 8).unwrap();
+    let out = blk.forward(x.leaky_trace(), 8, None).unwrap();
     let g = (out * w.clone()).sum().backward();
     let gx = g.get(&x).as_vec();
     let mut grab = Grab(&g, BTreeMap::new());
     blk.visit_params("", &mut grab).unwrap();
     let analytic = grab.1;
     let worst = fd_all(&mut blk, &analytic, |b| {
-        (b.forward(x.clone(), 8).unwrap() * w.clone())
+        (b.forward(x.clone(), 8, None).unwrap() * w.clone())
             .sum::<Rank0, _>()
             .as_vec()[0]
     });
@@ -171,7 +171,7 @@ fn bidirectional_block_gradients_match_finite_differences() {
         let f = |d: f64| {
             let mut v = xv.clone();
             v[i] += d;
-            (blk.forward(dev.tensor_from_vec(v, (2, t, Const::<16>)), 8)
+            (blk.forward(dev.tensor_from_vec(v, (2, t, Const::<16>)), 8, None)
                 .unwrap()
                 * w.clone())
             .sum::<Rank0, _>()
@@ -193,11 +193,11 @@ fn bidirectional_block_sees_the_future_and_reversal_swaps_directions() {
     let t = 16;
     let x: Tensor<(usize, usize, Const<16>), f64, _> = dev.sample_normal_like(&(1, t, Const));
     let mut xv = x.as_vec();
-    let y0 = blk.forward(x.clone(), 8).unwrap().as_vec();
+    let y0 = blk.forward(x.clone(), 8, None).unwrap().as_vec();
     // non-causal: changing the last step changes the first step's output
     xv[(t - 1) * 16] += 1.0;
     let y1 = blk
-        .forward(dev.tensor_from_vec(xv, (1, t, Const::<16>)), 8)
+        .forward(dev.tensor_from_vec(xv, (1, t, Const::<16>)), 8, None)
         .unwrap()
         .as_vec();
     assert!(

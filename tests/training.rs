@@ -3,10 +3,10 @@
 
 use dfdx::prelude::*;
 use megalodon::core::fit::{fit, latest_checkpoint, FitConf};
+use megalodon::core::optim::OptimConf;
 use megalodon::core::presets::{Tiny, TINY_CHUNK};
-use megalodon::core::tasks::CopyTask;
-use megalodon::core::train::OptimConf;
 use megalodon::core::Params;
+use megalodon::tasks::CopyTask;
 
 fn model(task: &CopyTask, seed: u64) -> Tiny<f32, Cpu> {
     let dev: Cpu = Default::default();
@@ -58,10 +58,10 @@ fn copy_task_loss_falls_below_chance() {
         steps: 200,
         ckpt_every: 0,
         out: None,
-        resume: false,
         seed: 7,
+        ..FitConf::default()
     };
-    let logs = fit(&mut m, optim, &fc, |s| Ok(task.batch(s)), |_| {}).unwrap();
+    let logs = fit(&mut m, optim, &fc, |s| task.batch(s), |_| {}).unwrap();
     let first: f64 = logs[..10].iter().map(|l| l.loss).sum::<f64>() / 10.0;
     let last: f64 = logs[logs.len() - 10..].iter().map(|l| l.loss).sum::<f64>() / 10.0;
     let chance = (task.symbols as f64).ln();
@@ -102,10 +102,11 @@ fn killed_and_resumed_run_reproduces_uninterrupted_run() {
         steps: 7,
         ckpt_every: 3,
         out: Some(dir_a.path().to_path_buf()),
-        resume: false,
         seed: 1,
+        data: task.identity(),
+        ..FitConf::default()
     };
-    let la = fit(&mut a, optim.clone(), &fa, |s| Ok(task.batch(s)), |_| {}).unwrap();
+    let la = fit(&mut a, optim.clone(), &fa, |s| task.batch(s), |_| {}).unwrap();
 
     // "killed" at step 5, after the step-3 checkpoint: run 3 steps, keep a copy of that
     // checkpoint, run on to 5, then put the step-3 checkpoint back as the latest
@@ -114,18 +115,20 @@ fn killed_and_resumed_run_reproduces_uninterrupted_run() {
         steps: 3,
         ckpt_every: 3,
         out: Some(dir_b.path().to_path_buf()),
-        resume: false,
         seed: 1,
+        data: task.identity(),
+        ..FitConf::default()
     };
-    fit(&mut b, optim.clone(), &fb, |s| Ok(task.batch(s)), |_| {}).unwrap();
+    fit(&mut b, optim.clone(), &fb, |s| task.batch(s), |_| {}).unwrap();
     let saved = dir_b.path().join("saved-ckpt-3");
     copy_dir(&dir_b.path().join("ckpt-00000003"), &saved);
     let fb5 = FitConf {
         steps: 5,
         resume: true,
-        ..fb
+        allow_changed: vec!["steps".into()],
+        ..fb.clone()
     };
-    fit(&mut b, optim.clone(), &fb5, |s| Ok(task.batch(s)), |_| {}).unwrap();
+    fit(&mut b, optim.clone(), &fb5, |s| task.batch(s), |_| {}).unwrap();
     assert!(latest_checkpoint(dir_b.path())
         .unwrap()
         .unwrap()
@@ -142,12 +145,11 @@ fn killed_and_resumed_run_reproduces_uninterrupted_run() {
     let mut c = model(&task, 999);
     let fc = FitConf {
         steps: 7,
-        ckpt_every: 3,
-        out: Some(dir_b.path().to_path_buf()),
         resume: true,
-        seed: 1,
+        allow_changed: vec!["steps".into()],
+        ..fb
     };
-    let lc = fit(&mut c, optim, &fc, |s| Ok(task.batch(s)), |_| {}).unwrap();
+    let lc = fit(&mut c, optim, &fc, |s| task.batch(s), |_| {}).unwrap();
     assert_eq!(
         lc.first().unwrap().step,
         4,
@@ -167,6 +169,12 @@ fn killed_and_resumed_run_reproduces_uninterrupted_run() {
         params(&mut c),
         "resumed weights differ from the uninterrupted run"
     );
+    // the whole training state (step, tokens seen, last loss, seed) is the same
+    let state = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("ckpt-00000007").join("train_state.json")).unwrap()
+    };
+    assert_eq!(state(dir_a.path()), state(dir_b.path()));
+    assert!(state(dir_a.path()).contains("\"tokens_seen\": 560"));
     for d in [dir_a.path(), dir_b.path()] {
         let text = std::fs::read_to_string(d.join("metrics.csv")).unwrap();
         let steps: Vec<&str> = text

@@ -1,7 +1,22 @@
 //! Model configuration, mirroring the official `ModelConf` (`megalodon/config.py`) field names so
 //! that an official `config.json` reads unchanged.
 
+use crate::error::ConfigError;
 use serde::{Deserialize, Serialize};
+
+/// Fields a `config.json` must have: the widths and the chunk size.
+pub const REQUIRED_FIELDS: &[&str] = &[
+    "num_layers",
+    "model_dim",
+    "z_dim",
+    "value_dim",
+    "num_heads",
+    "ffn_hidden_dim",
+    "cema_ndim",
+    "norm_num_groups",
+    "chunk_size",
+    "vocab_size",
+];
 
 /// The serde twin of the official `ModelConf`. Widths (`model_dim` ... `norm_num_groups`,
 /// `num_layers`) are also fixed at compile time by the preset type; [`ModelConf::check_dims`]
@@ -137,7 +152,7 @@ impl ModelConf {
 
     /// Checks this config against the widths of a model type; the error names the field and
     /// both values.
-    pub fn check_dims(&self, expected: &Dims) -> anyhow::Result<()> {
+    pub fn check_dims(&self, expected: &Dims) -> Result<(), ConfigError> {
         let found = self.dims();
         let pairs = [
             ("num_layers", expected.num_layers, found.num_layers),
@@ -159,20 +174,23 @@ impl ModelConf {
         ];
         for (field, e, f) in pairs {
             if e != f {
-                anyhow::bail!(
-                    "config field `{field}`: the model type expects {e}, the config has {f}"
-                );
+                return Err(ConfigError::Width {
+                    field,
+                    expected: e,
+                    found: f,
+                });
             }
         }
         self.validate()
     }
 
-    /// Checks the run-time fields for values the model cannot run with.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// Checks the run-time fields for values the model cannot run with. The vocabulary is not
+    /// checked here: a backbone or encoder has none (the language model checks it).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let d = self.dims();
         let checks: [(bool, String); 8] = [
             (self.chunk_size > 0, "chunk_size must be > 0".into()),
-            (self.vocab_size > 0, "vocab_size must be > 0".into()),
+            (self.norm_eps.is_finite(), format!("norm_eps must be finite, found {}", self.norm_eps)),
             (d.num_heads > 0 && d.z_dim.is_multiple_of(d.num_heads), format!("z_dim {} must be a multiple of num_heads {}", d.z_dim, d.num_heads)),
             (d.num_heads > 0 && d.value_dim.is_multiple_of(d.num_heads), format!("value_dim {} must be a multiple of num_heads {}", d.value_dim, d.num_heads)),
             ((d.z_dim / d.num_heads.max(1)).is_multiple_of(2), format!("per-head z width {} must be even (RoPE)", d.z_dim / d.num_heads.max(1))),
@@ -182,7 +200,7 @@ impl ModelConf {
         ];
         for (ok, msg) in checks {
             if !ok {
-                anyhow::bail!("invalid config: {msg}");
+                return Err(ConfigError::Invalid(msg));
             }
         }
         Ok(())
@@ -193,8 +211,37 @@ impl ModelConf {
         use anyhow::Context;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let conf: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing config {}", path.display()))?;
-        Ok(conf)
+        Self::from_json(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses a `config.json` text. The widths (`num_layers` ... `norm_num_groups`) and
+    /// `chunk_size` are required (a missing one is reported as missing, not defaulted); the other
+    /// fields default to the official values. Numbers that are not finite, or out of range for
+    /// their field, are reported with the field's name.
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        // serde_json reads 1e400 as infinity and has no NaN: check the raw values first so the
+        // message names the field
+        let raw: serde_json::Value =
+            serde_json::from_str(text).context("not valid JSON (NaN and Infinity are not JSON)")?;
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| anyhow::anyhow!("expected a JSON object of config fields"))?;
+        for field in REQUIRED_FIELDS {
+            if !obj.contains_key(*field) {
+                return Err(ConfigError::Missing(field.to_string()).into());
+            }
+        }
+        for (k, v) in obj {
+            if let Some(x) = v.as_f64() {
+                if !x.is_finite() {
+                    return Err(ConfigError::Invalid(format!(
+                        "field `{k}` is {v}, not a finite number"
+                    ))
+                    .into());
+                }
+            }
+        }
+        serde_json::from_value(raw).map_err(|e| anyhow::anyhow!("invalid config field: {e}"))
     }
 }

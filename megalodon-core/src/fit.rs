@@ -1,24 +1,62 @@
-//! A minimal, resumable language-model training loop: AdamW with the official defaults,
-//! warmup + linear decay, global-norm clipping, periodic checkpoints and `metrics.csv`.
+//! One resumable training loop for every head: AdamW with the official defaults, warmup + decay,
+//! global-norm clipping, periodic validation, checkpoints, `run.json` and `metrics.csv`.
+//!
+//! A head takes part by implementing [`Trainable`]: its parameters ([`Params`]), its buffers and
+//! tied keys ([`HasBuffers`]), the config written as `config.json`, and the loss of a batch of
+//! its own type. The language model ([`Megalodon`]) implements it here; the classifiers do in
+//! their crates.
 //!
 //! Crash safety: each checkpoint is written completely into `out/ckpt-<step>/` and only then
 //! published by atomically rewriting `out/latest` (temp file + rename), so a kill at any moment
-//! leaves the previous complete checkpoint in place. Batches come from a function of the step
-//! number, so a resumed run sees exactly the batches the uninterrupted run would have seen and
-//! reproduces it.
+//! leaves the previous complete checkpoint in place; only the checkpoint just superseded is then
+//! deleted. Batches come from a function of the step number, so a resumed run sees exactly the
+//! batches the uninterrupted run would have seen and reproduces it bit for bit. A run directory
+//! is never started over unless asked (`force`), and a resumed run must have the settings it was
+//! started with (`run.json`), unless a changed setting is named in `allow_changed`.
 
-use crate::checkpoint::write_atomic;
+use crate::checkpoint::{load_checkpoint, save_checkpoint, write_atomic, HasBuffers, TrainState};
 use crate::device::MegaDevice;
 use crate::nn::model::{cross_entropy, Megalodon};
-use crate::params::alloc_grads;
-use crate::train::{load_checkpoint, save_checkpoint, AdamW, OptimConf, TrainState};
+use crate::optim::{AdamW, OptimConf};
+use crate::params::{alloc_grads, Params};
 use crate::util::Float;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
+use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// One training batch: row-major `tokens (B x T)` and next-token `targets` (`None` = ignored).
+/// File name of the recorded run settings inside a run directory.
+pub const RUN_FILE: &str = "run.json";
+/// File name of the per-step metrics inside a run directory.
+pub const METRICS_FILE: &str = "metrics.csv";
+const METRICS_HEADER: &str = "step,loss,lr,grad_norm,val_loss";
+
+/// A model that [`fit`] can train.
+pub trait Trainable<E: Float, D: MegaDevice<E>>: Params<E, D> + HasBuffers {
+    /// What one training step consumes.
+    type Batch;
+    /// The model's configuration, written as `config.json` in every checkpoint.
+    type Config: Serialize;
+
+    /// The configuration to record.
+    fn config(&self) -> Self::Config;
+
+    /// The mean loss of `batch`, carrying a tape that accumulates into `grads` (allocated for
+    /// every parameter with [`alloc_grads`]).
+    fn loss(
+        &self,
+        batch: &Self::Batch,
+        grads: Gradients<E, D>,
+    ) -> Result<Tensor<Rank0, E, D, OwnedTape<E, D>>>;
+
+    /// How many tokens (or examples) `batch` holds, added to `TrainState::tokens_seen`.
+    fn batch_len(batch: &Self::Batch) -> u64;
+}
+
+/// One language-model batch: row-major `tokens (B x T)` and next-token `targets` (`None` =
+/// ignored).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub tokens: Vec<usize>,
     pub targets: Vec<Option<usize>>,
@@ -26,38 +64,166 @@ pub struct Batch {
     pub seq_len: usize,
 }
 
+impl<
+        const L: usize,
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+        E: Float,
+        D: MegaDevice<E>,
+    > Trainable<E, D> for Megalodon<L, M, Z, V, H, F, N, G, E, D>
+{
+    type Batch = Batch;
+    type Config = crate::config::ModelConf;
+
+    fn config(&self) -> Self::Config {
+        self.conf().clone()
+    }
+
+    fn loss(
+        &self,
+        batch: &Batch,
+        grads: Gradients<E, D>,
+    ) -> Result<Tensor<Rank0, E, D, OwnedTape<E, D>>> {
+        let logits = self.forward_train(&batch.tokens, batch.batch, batch.seq_len, grads)?;
+        cross_entropy(logits, &batch.targets)
+    }
+
+    fn batch_len(batch: &Batch) -> u64 {
+        (batch.batch as u64).saturating_mul(batch.seq_len as u64)
+    }
+}
+
 /// Loop settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FitConf {
     /// Total optimizer steps.
     pub steps: u64,
     /// Checkpoint every this many steps (0 = only at the end) when `out` is set.
     pub ckpt_every: u64,
-    /// Run directory for checkpoints and `metrics.csv`.
+    /// Call [`Progress::evaluate`] every this many steps and at the end (0 = never).
+    pub eval_every: u64,
+    /// Run directory for checkpoints, `run.json` and `metrics.csv`.
     pub out: Option<PathBuf>,
-    /// Continue from the latest checkpoint in `out` if there is one.
+    /// Continue from the latest checkpoint in `out` (a missing or empty `out` starts afresh).
     pub resume: bool,
-    /// Seed recorded in the training state.
+    /// Start over in a non-empty `out` without resuming (its metrics are replaced).
+    pub force: bool,
+    /// Seed of the run, recorded and checked on resume.
     pub seed: u64,
+    /// Identity of the data and its batching (e.g. file names, sizes and a hash, batch size,
+    /// sequence length), recorded and checked on resume.
+    pub data: String,
+    /// Settings allowed to differ from `run.json` on resume (names as in the mismatch error,
+    /// e.g. `steps`, `optim.max_steps`); the new values are recorded.
+    pub allow_changed: Vec<String>,
 }
 
 /// What one step reports.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepLog {
     pub step: u64,
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Validation loss, on the steps where [`Progress::evaluate`] ran and returned one.
+    pub val_loss: Option<f64>,
 }
 
-/// The directory of the latest complete checkpoint in `out`, if any.
+/// What the loop reports to its caller: every step, and validation on `eval_every` steps (see
+/// [`fit_with`]; [`fit`] takes a plain per-step closure).
+pub trait Progress<M> {
+    /// Called after every step (after its evaluation, if any).
+    fn on_step(&mut self, _log: &StepLog) {}
+    /// Called every `eval_every` steps and at the last step: the validation loss, if any.
+    fn evaluate(&mut self, _model: &M, _step: u64) -> Result<Option<f64>> {
+        Ok(None)
+    }
+}
+
+/// A [`Progress`] that only forwards each step to a closure.
+pub struct OnStep<F>(pub F);
+
+impl<M, F: FnMut(&StepLog)> Progress<M> for OnStep<F> {
+    fn on_step(&mut self, log: &StepLog) {
+        (self.0)(log)
+    }
+}
+
+/// The settings a run is started with (`run.json`); a resumed run must match them.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct RunSettings {
+    pub seed: u64,
+    pub steps: u64,
+    pub optim: OptimConf,
+    pub data: String,
+    pub config: serde_json::Value,
+}
+
+impl RunSettings {
+    /// The names and values of every setting, flattened (`optim.lr`, `config.chunk_size`, ...).
+    fn flatten(&self) -> Result<Vec<(String, serde_json::Value)>> {
+        let mut out = vec![
+            ("seed".to_string(), self.seed.into()),
+            ("steps".to_string(), self.steps.into()),
+            ("data".to_string(), self.data.clone().into()),
+        ];
+        let optim = serde_json::to_value(&self.optim).context("serializing the optimizer")?;
+        for (prefix, v) in [("optim", &optim), ("config", &self.config)] {
+            match v {
+                serde_json::Value::Object(m) => {
+                    out.extend(m.iter().map(|(k, v)| (format!("{prefix}.{k}"), v.clone())))
+                }
+                other => out.push((prefix.to_string(), other.clone())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The settings that differ from `old` and are not allowed to, as one message each.
+    fn differences(&self, old: &RunSettings, allowed: &[String]) -> Result<Vec<String>> {
+        let old: std::collections::BTreeMap<String, serde_json::Value> =
+            old.flatten()?.into_iter().collect();
+        let mut out = Vec::new();
+        for (k, v) in self.flatten()? {
+            let before = old.get(&k).cloned().unwrap_or(serde_json::Value::Null);
+            if before != v && !allowed.contains(&k) {
+                out.push(format!("`{k}`: the run has {before}, now {v}"));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The directory of the latest complete checkpoint in `out`, if `out/latest` exists. `latest`
+/// must name a `ckpt-*` directory directly inside `out`.
 pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     let p = out.join("latest");
     if !p.exists() {
         return Ok(None);
     }
     let name = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let dir = out.join(name.trim());
+    let name = name.trim();
+    ensure!(
+        !name.is_empty(),
+        "{} is empty: it should name the latest checkpoint directory (ckpt-NNNNNNNN); the run \
+         directory is damaged",
+        p.display()
+    );
+    ensure!(
+        name.starts_with("ckpt-")
+            && !name.contains(['/', '\\'])
+            && name != "."
+            && !name.contains(".."),
+        "{} names `{name}`, which is not a checkpoint directory inside {} (expected ckpt-NNNNNNNN)",
+        p.display(),
+        out.display()
+    );
+    let dir = out.join(name);
     ensure!(
         dir.is_dir(),
         "{} names {}, which does not exist",
@@ -68,94 +234,155 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// One forward/backward/update on `batch`; returns the loss and the step's statistics.
-pub fn train_step<
-    const L: usize,
-    const M: usize,
-    const Z: usize,
-    const V: usize,
-    const H: usize,
-    const F: usize,
-    const N: usize,
-    const G: usize,
-    E: Float,
-    D: MegaDevice<E>,
->(
-    model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
+pub fn train_step<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
+    model: &mut M,
     opt: &mut AdamW<E, D>,
-    batch: &Batch,
+    batch: &M::Batch,
 ) -> Result<StepLog> {
     let grads = alloc_grads(model)?;
-    let logits = model.forward_train(&batch.tokens, batch.batch, batch.seq_len, grads)?;
-    let loss = cross_entropy(logits, &batch.targets)?;
+    let loss = model.loss(batch, grads)?;
     let loss_v = loss.as_vec()[0].to_f64().unwrap_or(f64::NAN);
     ensure!(
         loss_v.is_finite(),
         "training diverged: loss is {loss_v} at step {}",
         opt.step + 1
     );
-    let grads = loss.backward();
+    let mut grads = loss.backward();
     let lr = opt.next_lr();
-    let info = opt.step(model, &grads, lr)?;
+    let info = opt.step(model, &mut grads, lr)?;
     Ok(StepLog {
         step: opt.step,
         loss: loss_v,
         lr,
         grad_norm: info.grad_norm,
+        val_loss: None,
     })
 }
 
+/// Whether `dir` exists and holds anything.
+fn non_empty(dir: &Path) -> Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => Ok(it.next().is_some()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("listing run directory {}", dir.display())),
+    }
+}
+
+/// Prepares the run directory: resumes (restoring `model`, `opt` and the training state) or
+/// starts afresh, checking and recording the run settings.
+fn open_run<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
+    out: &Path,
+    conf: &FitConf,
+    settings: &RunSettings,
+    model: &mut M,
+    opt: &mut AdamW<E, D>,
+) -> Result<Option<TrainState>> {
+    let run_file = out.join(RUN_FILE);
+    let latest = latest_checkpoint(out)?;
+    if conf.resume {
+        if let Some(dir) = latest {
+            if run_file.exists() {
+                let text = std::fs::read_to_string(&run_file)
+                    .with_context(|| format!("reading {}", run_file.display()))?;
+                let old: RunSettings = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", run_file.display()))?;
+                let diff = settings.differences(&old, &conf.allow_changed)?;
+                if !diff.is_empty() {
+                    bail!(
+                        "cannot resume {}: settings differ from {} ({}); resume with the \
+                         original settings, or allow the change explicitly",
+                        out.display(),
+                        run_file.display(),
+                        diff.join("; ")
+                    );
+                }
+            }
+            let state = load_checkpoint(&dir, model, opt)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            ensure!(
+                state.seed == conf.seed || conf.allow_changed.iter().any(|s| s == "seed"),
+                "cannot resume {}: checkpoint seed {} differs from --seed {}",
+                dir.display(),
+                state.seed,
+                conf.seed
+            );
+            write_json(&run_file, settings)?;
+            return Ok(Some(state));
+        }
+        ensure!(
+            !non_empty(out)?,
+            "nothing to resume in {}: it has no `latest` checkpoint but is not empty; start over \
+             with --force, or choose an empty --out",
+            out.display()
+        );
+    } else if non_empty(out)? && !conf.force {
+        bail!(
+            "run directory {} is not empty: pass --resume to continue it or --force to start \
+             over in it",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating run directory {}", out.display()))?;
+    write_json(&run_file, settings)?;
+    Ok(None)
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).context("serializing run settings")?;
+    write_atomic(path, text.as_bytes())
+}
+
 /// Trains `model` for `conf.steps` steps on `data(step)` (1-based step numbers). Returns the
-/// per-step log of this invocation; `on_step` sees each entry as it happens.
-#[allow(clippy::too_many_arguments)]
-pub fn fit<
-    const L: usize,
-    const M: usize,
-    const Z: usize,
-    const V: usize,
-    const H: usize,
-    const F: usize,
-    const N: usize,
-    const G: usize,
-    E: Float,
-    D: MegaDevice<E>,
->(
-    model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
+/// per-step log of this invocation; `on_step` sees each entry as it happens. No validation: see
+/// [`fit_with`].
+pub fn fit<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
+    model: &mut M,
     optim: OptimConf,
     conf: &FitConf,
-    mut data: impl FnMut(u64) -> Result<Batch>,
-    mut on_step: impl FnMut(&StepLog),
+    data: impl FnMut(u64) -> Result<M::Batch>,
+    on_step: impl FnMut(&StepLog),
 ) -> Result<Vec<StepLog>> {
-    let mut opt = AdamW::<E, D>::new(optim);
+    fit_with(model, optim, conf, data, &mut OnStep(on_step))
+}
+
+/// [`fit`] with a [`Progress`] that sees every step and is asked for the validation loss every
+/// `conf.eval_every` steps and at the last step (recorded in `metrics.csv` and the training
+/// state's best validation loss).
+pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
+    model: &mut M,
+    optim: OptimConf,
+    conf: &FitConf,
+    mut data: impl FnMut(u64) -> Result<M::Batch>,
+    progress: &mut impl Progress<M>,
+) -> Result<Vec<StepLog>> {
+    optim.validate()?;
+    let mut opt = AdamW::<E, D>::new(optim.clone());
     let mut state = TrainState {
         seed: conf.seed,
         ..TrainState::default()
     };
-    if let (Some(out), true) = (&conf.out, conf.resume) {
-        if let Some(dir) = latest_checkpoint(out)? {
-            state = load_checkpoint(&dir, model, &mut opt)
-                .with_context(|| format!("resuming from {}", dir.display()))?;
-        }
-    }
+    let settings = RunSettings {
+        seed: conf.seed,
+        steps: conf.steps,
+        optim,
+        data: conf.data.clone(),
+        config: serde_json::to_value(model.config()).context("serializing the model config")?,
+    };
     let mut metrics = match &conf.out {
         Some(out) => {
-            std::fs::create_dir_all(out)
-                .with_context(|| format!("creating run directory {}", out.display()))?;
-            let path = out.join("metrics.csv");
-            let fresh = !path.exists() || state.step == 0;
-            if !fresh {
+            let resumed = open_run(out, conf, &settings, model, &mut opt)?;
+            let path = out.join(METRICS_FILE);
+            if let Some(s) = resumed {
+                state = s;
                 truncate_metrics(&path, state.step)?;
+            } else {
+                write_atomic(&path, format!("{METRICS_HEADER}\n").as_bytes())?;
             }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(!fresh)
-                .write(true)
-                .truncate(fresh)
+            let f = std::fs::OpenOptions::new()
+                .append(true)
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            if fresh {
-                writeln!(f, "step,loss,lr,grad_norm")
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
             Some((f, path))
         }
         None => None,
@@ -163,15 +390,32 @@ pub fn fit<
     let mut logs = Vec::new();
     while state.step < conf.steps {
         let batch = data(state.step + 1)?;
-        let log = train_step(model, &mut opt, &batch)?;
+        let mut log = train_step(model, &mut opt, &batch)?;
         state.step = log.step;
-        state.tokens_seen += (batch.batch * batch.seq_len) as u64;
+        state.tokens_seen = state.tokens_seen.saturating_add(M::batch_len(&batch));
         state.last_loss = Some(log.loss);
+        let eval_due = conf.eval_every > 0
+            && (state.step.is_multiple_of(conf.eval_every) || state.step == conf.steps);
+        if eval_due {
+            log.val_loss = progress.evaluate(model, state.step)?;
+            if let Some(v) = log.val_loss {
+                if state.best_val_loss.is_none_or(|b| v < b) {
+                    state.best_val_loss = Some(v);
+                }
+            }
+        }
         if let Some((f, path)) = &mut metrics {
-            writeln!(f, "{},{},{},{}", log.step, log.loss, log.lr, log.grad_norm)
+            let val = log.val_loss.map(|v| v.to_string()).unwrap_or_default();
+            let row = format!(
+                "{},{},{},{},{val}\n",
+                log.step, log.loss, log.lr, log.grad_norm
+            );
+            // one write per row, so a kill leaves whole rows (a torn last row is dropped on
+            // resume)
+            f.write_all(row.as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        on_step(&log);
+        progress.on_step(&log);
         logs.push(log);
         let due = conf.ckpt_every > 0 && state.step.is_multiple_of(conf.ckpt_every);
         if let (Some(out), true) = (&conf.out, due || state.step == conf.steps) {
@@ -181,56 +425,54 @@ pub fn fit<
     Ok(logs)
 }
 
-/// Writes a complete checkpoint into `out/ckpt-<step>/`, publishes it in `out/latest`, and
-/// removes older checkpoint directories.
-pub fn checkpoint<
-    const L: usize,
-    const M: usize,
-    const Z: usize,
-    const V: usize,
-    const H: usize,
-    const F: usize,
-    const N: usize,
-    const G: usize,
-    E: Float,
-    D: MegaDevice<E>,
->(
+/// Writes a complete checkpoint into `out/ckpt-<step>/`, publishes it in `out/latest`, and then
+/// removes the checkpoint that `latest` named before (the one just superseded; nothing else).
+/// Failing to remove it is a warning: the new checkpoint is already published.
+pub fn checkpoint<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
     out: &Path,
-    model: &mut Megalodon<L, M, Z, V, H, F, N, G, E, D>,
+    model: &mut M,
     opt: &AdamW<E, D>,
     state: &TrainState,
 ) -> Result<()> {
     let name = format!("ckpt-{:08}", state.step);
     let dir = out.join(&name);
-    let conf = model.conf.clone();
+    let previous = latest_checkpoint(out).ok().flatten();
+    let conf = model.config();
     save_checkpoint(&dir, &conf, model, opt, state)?;
     write_atomic(&out.join("latest"), name.as_bytes())?;
-    for entry in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", out.display()))?;
-        let fname = entry.file_name().to_string_lossy().to_string();
-        if fname.starts_with("ckpt-") && fname != name {
-            std::fs::remove_dir_all(entry.path())
-                .with_context(|| format!("removing old checkpoint {}", entry.path().display()))?;
+    if let Some(prev) = previous {
+        if prev != dir {
+            if let Err(e) = std::fs::remove_dir_all(&prev) {
+                eprintln!(
+                    "warning: could not remove the superseded checkpoint {}: {e}",
+                    prev.display()
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// Drops the rows of `metrics.csv` logged after `step` (a resumed run re-logs them).
+/// Keeps the header and the whole rows of `metrics.csv` logged up to `step` (a resumed run
+/// re-logs the later ones; a row torn by a kill is dropped).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut kept = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let keep = i == 0
-            || line
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let cols = METRICS_HEADER.split(',').count();
+    let mut kept = format!("{METRICS_HEADER}\n");
+    for line in text.split_inclusive('\n').skip(1) {
+        let whole = line.ends_with('\n') && line.trim_end().split(',').count() == cols;
+        let keep = whole
+            && line
                 .split(',')
                 .next()
                 .and_then(|s| s.parse::<u64>().ok())
                 .is_some_and(|s| s <= step);
         if keep {
             kept.push_str(line);
-            kept.push('\n');
         }
     }
     write_atomic(path, kept.as_bytes())

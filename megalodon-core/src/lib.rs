@@ -22,18 +22,29 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+//! Layers, bottom-up (each imports only what lies below it): `util`, `config`, `params` ->
+//! `ops` (CPU kernels and the composed references) -> `device` (the per-device dispatch) -> `nn`
+//! (the modules, the backbone, the LM, the encoder) -> `optim` -> `checkpoint` -> `fit` (the
+//! training loop). The design and its math are in `docs/design.md`.
+
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod error;
 pub mod fit;
+#[cfg(feature = "golden")]
 pub mod golden;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod params;
 pub mod presets;
-pub mod tasks;
-pub mod train;
 pub mod util;
 
 pub use config::ModelConf;
+pub use error::ConfigError;
+pub use fit::{fit, fit_with, FitConf, Progress, Trainable};
+pub use nn::backbone::Backbone;
+pub use nn::encoder::{masked_mean_pool, BidirectionalEncoder};
+pub use nn::model::Megalodon;
 pub use params::{ParamVisitor, Params};

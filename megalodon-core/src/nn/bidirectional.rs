@@ -91,12 +91,20 @@ impl<
     }
 
     /// `x (B, T, M) -> (B, T, M)` with attention inside chunks of `chunk` positions.
+    ///
+    /// `lengths` (one per row, each in `1..=T`) marks steps `lengths[r]..T` of row `r` as
+    /// padding: they are left out of the norm statistics, enter the CEMA as zeros and are hidden
+    /// from every attention query, so outputs at real steps do not depend on them. Outputs at
+    /// padded steps are finite but meaningless.
     pub fn forward<T: Tape<E, D>>(
         &self,
         x: Seq<M, E, D, T>,
         chunk: usize,
+        lengths: Option<&[usize]>,
     ) -> Result<Seq<M, E, D, T>> {
-        let xn = self.norm.try_forward(x.retaped::<T>(), None)?;
+        let (b, t, _) = *x.shape();
+        let pad = lengths.map(|l| padding_mask(l, b, t)).transpose()?;
+        let xn = self.norm.try_forward(x.retaped::<T>(), pad.as_deref())?;
         let m = self.bidirectional_ema(xn.retaped::<T>())?;
         let (y, _) = self.proj.forward(
             x.retaped::<T>(),
@@ -104,11 +112,28 @@ impl<
             m,
             chunk,
             None,
-            Masking::Full,
+            Masking::Full(lengths),
             &mut None,
         )?;
         Ok(self.nffn.forward(y, x, &mut None))
     }
+}
+
+/// The `B x T` padding mask (`true` = padded) of rows with the given real lengths; each length
+/// must be in `1..=T`.
+pub fn padding_mask(lengths: &[usize], b: usize, t: usize) -> Result<Vec<bool>> {
+    anyhow::ensure!(
+        lengths.len() == b,
+        "{} row lengths for a batch of {b} rows",
+        lengths.len()
+    );
+    if let Some((r, &n)) = lengths.iter().enumerate().find(|(_, &n)| n == 0 || n > t) {
+        anyhow::bail!("row {r} has length {n}; expected 1..={t} (the sequence length)");
+    }
+    Ok(lengths
+        .iter()
+        .flat_map(|&n| (0..t).map(move |i| i >= n))
+        .collect())
 }
 
 impl<

@@ -1,10 +1,11 @@
-//! The whole Megalodon language model (spec section 1, class `Mega`): embedding, L layers,
-//! final TimestepNorm and the (optionally tied) output layer, plus its streaming state.
+//! The Megalodon language model (official class `Mega`): token embedding (optionally scaled by
+//! sqrt(M)), the causal [`Backbone`], and the (optionally tied) output layer, plus token-level
+//! streaming with TimestepNorm re-windowing.
 
-use super::attention::{LayerState, Probe, Rope};
-use super::block::MegaBlock;
+use super::attention::Probe;
+use super::backbone::Backbone;
 use super::layers::{normal_vec, Seq};
-use super::timestep_norm::{NormState, TimestepNorm};
+pub use super::state::{ModelState, Rewindow};
 use crate::config::{Dims, ModelConf};
 use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
@@ -15,6 +16,9 @@ use rand::SeedableRng;
 
 /// Logits `(B, T, vocab)`.
 pub type Logits<E, D, T = NoneTape> = Tensor<(usize, usize, usize), E, D, T>;
+
+/// Largest vocabulary accepted from a config (2^31 rows).
+pub const MAX_VOCAB: usize = 1 << 31;
 
 /// The Megalodon LM. Generics: `L` num_layers, `M` model_dim, `Z` z_dim, `V` value_dim,
 /// `H` num_heads, `F` ffn_hidden_dim, `N` cema_ndim, `G` norm_num_groups. Vocabulary size and
@@ -33,83 +37,10 @@ pub struct Megalodon<
 > {
     /// `embed.weight (vocab, M)`.
     pub embed: Tensor<(usize, Const<M>), E, D>,
-    /// `layers.{i}`.
-    pub layers: Vec<MegaBlock<M, Z, V, H, F, N, G, E, D>>,
-    /// `output.final_norm`.
-    pub final_norm: TimestepNorm<M, G, E, D>,
+    /// `layers.{i}` and `output.final_norm`; holds the run-time config.
+    pub backbone: Backbone<L, M, Z, V, H, F, N, G, E, D>,
     /// `output.output.weight (vocab, M)`; `None` when tied to the embedding (`share_emb`).
     pub output: Option<Tensor<(usize, Const<M>), E, D>>,
-    /// The run-time configuration (official `ModelConf`).
-    pub conf: ModelConf,
-}
-
-/// Streaming state of the whole model: one [`LayerState`] per layer plus the final norm's.
-/// Its size is constant in the number of tokens processed.
-pub struct ModelState<
-    const M: usize,
-    const H: usize,
-    const N: usize,
-    const G: usize,
-    E: Dtype,
-    D: Device<E>,
-> {
-    pub layers: Vec<LayerState<M, H, N, G, E, D>>,
-    pub final_norm: NormState<G, E, D>,
-    /// Tokens processed per batch row so far.
-    pub position: usize,
-    /// TimestepNorm re-windowing (official long-context evaluation); `None` = cumulative.
-    pub rewindow: Option<Rewindow>,
-}
-
-/// TimestepNorm re-windowing, as in the official evaluation loop (`megalodon/inference.py`,
-/// `utils.truncate_cache`, spec section 10.3): once the stream holds at least `window` chunks,
-/// every time it crosses a multiple of `every` chunks the model is re-run from an empty state on
-/// the last `window - every` chunks of tokens and *only* the TimestepNorm states (every layer and
-/// the final norm) are replaced by that run's; CEMA and KV states are kept. The normalisation
-/// statistics then cover a sliding window of `window - every` to `window` chunks. Memory stays
-/// constant: the last `window - every` chunks of token ids are kept.
-#[derive(Debug, Clone)]
-pub struct Rewindow {
-    /// Official `TRUNCATE_CHUNKS` (8).
-    pub window: usize,
-    /// Official `MAX_CHUNKS_PER_BATCH` (2).
-    pub every: usize,
-    /// Last `(window - every) * chunk` token ids per batch row.
-    history: Vec<std::collections::VecDeque<usize>>,
-}
-
-impl Rewindow {
-    /// The official setting: window 8 chunks, refreshed every 2 chunks.
-    pub fn official() -> Self {
-        Self::new(8, 2)
-    }
-
-    /// A window of `window` chunks refreshed every `every` chunks (`0 < every < window`).
-    pub fn new(window: usize, every: usize) -> Self {
-        Self {
-            window,
-            every,
-            history: Vec::new(),
-        }
-    }
-}
-
-impl<
-        const M: usize,
-        const H: usize,
-        const N: usize,
-        const G: usize,
-        E: Float,
-        D: MegaDevice<E>,
-    > ModelState<M, H, N, G, E, D>
-{
-    /// Bytes held by the state.
-    pub fn bytes(&self) -> usize {
-        let e = std::mem::size_of::<E>();
-        self.layers.iter().map(|l| l.bytes()).sum::<usize>()
-            + self.final_norm.count.len() * 8
-            + 2 * self.final_norm.mean.shape().num_elements() * e
-    }
 }
 
 /// Number of parameters of a config (spec section 8), without building the model.
@@ -148,16 +79,7 @@ impl<
     > Megalodon<L, M, Z, V, H, F, N, G, E, D>
 {
     /// The compile-time widths of this model type.
-    pub const DIMS: Dims = Dims {
-        num_layers: L,
-        model_dim: M,
-        z_dim: Z,
-        value_dim: V,
-        num_heads: H,
-        ffn_hidden_dim: F,
-        cema_ndim: N,
-        norm_num_groups: G,
-    };
+    pub const DIMS: Dims = Backbone::<L, M, Z, V, H, F, N, G, E, D>::DIMS;
 
     /// A config with this type's widths, the official defaults elsewhere, and the given run-time
     /// chunk and vocabulary sizes.
@@ -165,21 +87,38 @@ impl<
         ModelConf::from_dims(Self::DIMS, chunk_size, vocab_size)
     }
 
+    /// Checks a config for this LM type: the widths, the run-time fields, and a vocabulary in
+    /// `1..=MAX_VOCAB` whose tables fit in memory arithmetic (checked before anything is
+    /// allocated).
+    pub fn check_conf(conf: &ModelConf) -> Result<()> {
+        conf.check_dims(&Self::DIMS)?;
+        let v = conf.vocab_size;
+        ensure!(
+            (1..=MAX_VOCAB).contains(&v),
+            "invalid config: vocab_size {v} must be in 1..={MAX_VOCAB} for a language model"
+        );
+        v.checked_mul(M)
+            .and_then(|n| n.checked_mul(std::mem::size_of::<E>()))
+            .ok_or_else(|| {
+                anyhow::anyhow!("invalid config: vocab_size {v} x model_dim {M} overflows")
+            })?;
+        Ok(())
+    }
+
     /// Builds a freshly initialised model (official init; deterministic in `seed`). The config
     /// must agree with the type's widths.
     pub fn new(dev: &D, conf: ModelConf, seed: u64) -> Result<Self> {
-        conf.check_dims(&Self::DIMS)?;
+        Self::check_conf(&conf)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let std = 1.0 / (M as f64).sqrt();
         let vocab = conf.vocab_size;
+        let share = conf.share_emb;
         let embed = dev.tensor_from_vec(
             normal_vec::<E>(&mut rng, vocab * M, std, Some(3.0 * std)),
             (vocab, Const::<M>),
         );
-        let layers = (0..L)
-            .map(|i| MegaBlock::new(dev, &mut rng, &conf, i))
-            .collect();
-        let output = (!conf.share_emb).then(|| {
+        let backbone = Backbone::init(dev, conf, &mut rng)?;
+        let output = (!share).then(|| {
             dev.tensor_from_vec(
                 normal_vec::<E>(&mut rng, vocab * M, std, Some(3.0 * std)),
                 (vocab, Const::<M>),
@@ -187,27 +126,24 @@ impl<
         });
         Ok(Self {
             embed,
-            layers,
-            final_norm: TimestepNorm::new(dev, conf.norm_eps),
+            backbone,
             output,
-            conf,
         })
     }
 
-    /// Vocabulary size V.
+    /// The run-time configuration.
+    pub fn conf(&self) -> &ModelConf {
+        &self.backbone.conf
+    }
+
+    /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.embed.shape().0
     }
 
     /// A fresh streaming state for `batch` rows.
     pub fn new_state(&self, batch: usize) -> ModelState<M, H, N, G, E, D> {
-        let dev = self.embed.device();
-        ModelState {
-            layers: (0..L).map(|_| LayerState::new(dev, batch)).collect(),
-            final_norm: NormState::empty(dev, batch),
-            position: 0,
-            rewindow: None,
-        }
+        self.backbone.new_state(batch)
     }
 
     /// A fresh streaming state that re-windows the TimestepNorm statistics (see [`Rewindow`]).
@@ -216,18 +152,7 @@ impl<
         batch: usize,
         rewindow: Rewindow,
     ) -> Result<ModelState<M, H, N, G, E, D>> {
-        ensure!(
-            rewindow.every > 0 && rewindow.every < rewindow.window,
-            "re-windowing needs 0 < every ({}) < window ({})",
-            rewindow.every,
-            rewindow.window
-        );
-        let mut st = self.new_state(batch);
-        st.rewindow = Some(Rewindow {
-            history: vec![Default::default(); batch],
-            ..rewindow
-        });
-        Ok(st)
+        self.backbone.new_state_rewindowed(batch, rewindow)
     }
 
     fn token_index(
@@ -237,8 +162,11 @@ impl<
         t: usize,
     ) -> Result<Tensor<(usize, usize), usize, D>> {
         ensure!(b > 0 && t > 0, "empty token batch ({b} x {t})");
+        let n = b
+            .checked_mul(t)
+            .ok_or_else(|| anyhow::anyhow!("token batch {b} x {t} overflows"))?;
         ensure!(
-            tokens.len() == b * t,
+            tokens.len() == n,
             "token buffer has {} ids, expected B*T = {b}*{t}",
             tokens.len()
         );
@@ -249,56 +177,54 @@ impl<
         Ok(self.embed.device().tensor_from_vec(tokens.to_vec(), (b, t)))
     }
 
-    /// Core forward from an embedding table that carries the tape (`T`) to logits.
+    /// The input embeddings `(B, T, M)` of `tokens` (row-major `B x T`), scaled by sqrt(M) when
+    /// `scale_emb` is set: what the backbone sees.
+    pub fn embed_tokens<T: Tape<E, D>>(
+        &self,
+        emb: Tensor<(usize, Const<M>), E, D, T>,
+        tokens: &[usize],
+        b: usize,
+        t: usize,
+    ) -> Result<Seq<M, E, D, T>> {
+        let idx = self.token_index(tokens, b, t)?;
+        let x: Seq<M, E, D, T> = emb.gather(idx);
+        Ok(if self.conf().scale_emb {
+            x * c::<E>((M as f64).sqrt())
+        } else {
+            x
+        })
+    }
+
+    /// Logits `(B, T, vocab)` of hidden states `(B, T, M)` (the output layer or the tied
+    /// embedding).
+    pub fn head<T: Tape<E, D>>(&self, y: Seq<M, E, D, T>) -> Logits<E, D, T> {
+        let w = match &self.output {
+            Some(w) => w.retaped::<T>(),
+            None => self.embed.retaped::<T>(),
+        };
+        y.matmul(w.permute::<_, Axes2<1, 0>>())
+    }
+
+    /// Embedding -> backbone -> head, from an embedding table that carries the tape (`T`).
     fn run<T: Tape<E, D> + Merge<NoneTape>>(
         &self,
         emb: Tensor<(usize, Const<M>), E, D, T>,
         tokens: &[usize],
         b: usize,
         t: usize,
-        mut state: Option<&mut ModelState<M, H, N, G, E, D>>,
-        mut probes: Option<&mut Vec<Probe>>,
+        state: Option<&mut ModelState<M, H, N, G, E, D>>,
+        probes: Option<&mut Vec<Probe>>,
     ) -> Result<Logits<E, D, T>> {
-        let idx = self.token_index(tokens, b, t)?;
-        if let Some(s) = &state {
-            ensure!(
-                s.final_norm.count.len() == b,
-                "streaming state has batch {}, input has batch {b}",
-                s.final_norm.count.len()
-            );
-        }
-        let mut x: Seq<M, E, D, T> = emb.gather(idx);
-        if self.conf.scale_emb {
-            x = x * c::<E>((M as f64).sqrt());
-        }
-        let chunk = self.conf.chunk_size;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let ls = state.as_deref_mut().map(|s| &mut s.layers[i]);
-            let probe = probes.as_deref_mut().map(|p| {
-                p.push(Probe::default());
-                p.last_mut().expect("just pushed")
-            });
-            x = layer.forward(x, chunk, ls, probe)?;
-        }
-        let norm0 = state.as_ref().map(|s| NormState {
-            count: s.final_norm.count.clone(),
-            mean: s.final_norm.mean.retaped::<T>(),
-            var: s.final_norm.var.retaped::<T>(),
-        });
-        let (y, norm1) = self.final_norm.try_forward(x, norm0, None)?;
-        if let Some(s) = state {
-            s.final_norm = NormState {
-                count: norm1.count,
-                mean: norm1.mean.retaped(),
-                var: norm1.var.retaped(),
-            };
-            s.position += t;
-        }
-        let w = match &self.output {
-            Some(w) => w.retaped::<T>(),
-            None => self.embed.retaped::<T>(),
-        };
-        Ok(y.matmul(w.permute::<_, Axes2<1, 0>>()))
+        let x = self.embed_tokens(emb, tokens, b, t)?;
+        let y = self.backbone.run(x, state, probes)?;
+        Ok(self.head(y))
+    }
+
+    /// The backbone's output `(B, T, M)` for `tokens` (fresh stream): the hidden states the
+    /// output layer turns into logits.
+    pub fn forward_hidden(&self, tokens: &[usize], b: usize, t: usize) -> Result<Seq<M, E, D>> {
+        let x = self.embed_tokens(self.embed.clone(), tokens, b, t)?;
+        self.backbone.forward_hidden(x, None)
     }
 
     /// Inference forward over `tokens` (row-major `B x T`): one call, fresh stream.
@@ -331,7 +257,7 @@ impl<
         let before = state.position;
         let logits = self.run(self.embed.clone(), tokens, b, t, Some(state), None)?;
         if let Some(rw) = state.rewindow.as_mut() {
-            let c = self.conf.chunk_size;
+            let c = self.conf().chunk_size;
             let keep = (rw.window - rw.every) * c;
             for (bi, h) in rw.history.iter_mut().enumerate() {
                 h.extend(&tokens[bi * t..(bi + 1) * t]);
@@ -366,13 +292,16 @@ impl<
         split: &[usize],
         state: &mut ModelState<M, H, N, G, E, D>,
     ) -> Result<Vec<E>> {
-        let total: usize = split.iter().sum();
+        let total = split
+            .iter()
+            .try_fold(0usize, |a, &n| a.checked_add(n))
+            .ok_or_else(|| anyhow::anyhow!("call lengths {split:?} overflow"))?;
         ensure!(
             total <= t && !split.contains(&0),
             "call lengths {split:?} must be positive and sum to at most T = {t}"
         );
         ensure!(
-            tokens.len() == b * t,
+            b.checked_mul(t) == Some(tokens.len()),
             "token buffer has {} ids, expected B*T = {b}*{t}",
             tokens.len()
         );
@@ -459,122 +388,10 @@ impl<
 {
     fn visit_params<Vis: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut Vis) -> Result<()> {
         v.visit(&join(prefix, "embed.weight"), &mut self.embed)?;
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            l.visit_params(&join(prefix, &format!("layers.{i}")), v)?;
-        }
-        self.final_norm
-            .visit_params(&join(prefix, "output.final_norm"), v)?;
+        self.backbone.visit_params(prefix, v)?;
         if let Some(w) = &mut self.output {
             v.visit(&join(prefix, "output.output.weight"), w)?;
         }
         Ok(())
-    }
-}
-
-fn timenorm_buffers(
-    prefix: &str,
-    groups: usize,
-    out: &mut Vec<(String, crate::checkpoint::Buffer)>,
-) {
-    use crate::checkpoint::Buffer;
-    out.push((
-        format!("{prefix}.prior_count"),
-        Buffer::I64 {
-            shape: vec![],
-            data: vec![0],
-        },
-    ));
-    out.push((
-        format!("{prefix}.prior_mean"),
-        Buffer::F32 {
-            shape: vec![groups],
-            data: vec![0.0; groups],
-        },
-    ));
-    out.push((
-        format!("{prefix}.prior_logv"),
-        Buffer::F32 {
-            shape: vec![groups],
-            data: vec![0.0; groups],
-        },
-    ));
-}
-
-impl<
-        const L: usize,
-        const M: usize,
-        const Z: usize,
-        const V: usize,
-        const H: usize,
-        const F: usize,
-        const N: usize,
-        const G: usize,
-        E: Float,
-        D: MegaDevice<E>,
-    > crate::checkpoint::HasBuffers for Megalodon<L, M, Z, V, H, F, N, G, E, D>
-{
-    /// The official buffers: `rope.freqs`, and the (zero, unused) TimestepNorm priors.
-    fn buffers(&self) -> Vec<(String, crate::checkpoint::Buffer)> {
-        let rope = Rope::new(Z / H, self.conf.rope_base());
-        let mut out = vec![(
-            "rope.freqs".to_string(),
-            crate::checkpoint::Buffer::F32 {
-                shape: vec![rope.freqs.len()],
-                data: rope.freqs,
-            },
-        )];
-        for i in 0..L {
-            timenorm_buffers(&format!("layers.{i}.mega.timenorm"), G, &mut out);
-        }
-        timenorm_buffers("output.final_norm", G, &mut out);
-        out
-    }
-
-    /// With `share_emb`, `output.output.weight` is written as a copy of `embed.weight`.
-    fn aliases(&self) -> Vec<(String, String)> {
-        if self.output.is_none() {
-            vec![(
-                "output.output.weight".to_string(),
-                "embed.weight".to_string(),
-            )]
-        } else {
-            Vec::new()
-        }
-    }
-}
-
-impl<
-        const L: usize,
-        const M: usize,
-        const Z: usize,
-        const V: usize,
-        const H: usize,
-        const F: usize,
-        const N: usize,
-        const G: usize,
-        E: Float,
-        D: MegaDevice<E>,
-    > Megalodon<L, M, Z, V, H, F, N, G, E, D>
-{
-    /// Writes `config.json` and `model.safetensors` (official key names) into `dir`, atomically.
-    pub fn save_run(&mut self, dir: &std::path::Path) -> Result<()> {
-        let conf = self.conf.clone();
-        crate::checkpoint::save_run(dir, &conf, self)
-    }
-
-    /// Loads a run directory written by [`save_run`](Self::save_run) or exported from the
-    /// official model: the config is checked against this type's widths (error names the field),
-    /// then every weight is loaded by its official key (errors name key and shapes).
-    pub fn load_run(dev: &D, dir: &std::path::Path) -> Result<Self> {
-        let conf = crate::checkpoint::load_config(dir)?;
-        conf.check_dims(&Self::DIMS).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: {e}",
-                dir.join(crate::checkpoint::CONFIG_FILE).display()
-            )
-        })?;
-        let mut model = Self::new(dev, conf, 0)?;
-        crate::checkpoint::load_run_weights(dir, &mut model)?;
-        Ok(model)
     }
 }

@@ -16,7 +16,7 @@
 //! is parallelised by gemm. Scratch memory is two `(TILE, Lk)` buffers per running block.
 //! Rows without any visible key produce zeros and pass zero gradients.
 
-use crate::device::{BlockMask, Blocks};
+use super::block_attention::{BlockMask, Blocks};
 use crate::util::Float;
 use anyhow::{anyhow, ensure, Result};
 use dfdx::prelude::*;

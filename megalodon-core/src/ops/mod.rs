@@ -1,5 +1,7 @@
-//! CPU kernels that override the composed dfdx ops on `Cpu` (see [`crate::device::MegaDevice`]).
-//! Each is tested against the composed reference through the same test body.
+//! Sequence-mixing ops below the modules: the composed reference of block attention and the CPU
+//! kernels that override the composed ops on `Cpu` (see [`crate::device::MegaDevice`]). Each
+//! kernel is tested against its composed reference through the same test body.
 
 pub mod attention_cpu;
+pub mod block_attention;
 pub mod cema_cpu;

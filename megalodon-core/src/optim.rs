@@ -1,6 +1,6 @@
-//! Training infrastructure, generic over any model that implements [`Params`]: the official
-//! optimizer settings ([`OptimConf`]), the learning-rate schedule, global gradient-norm
-//! clipping, torch-semantics [`AdamW`] with save/load of its state, and [`TrainState`].
+//! The optimizer, generic over any model that implements [`Params`]: the official optimizer
+//! settings ([`OptimConf`]), the learning-rate schedule, global gradient-norm clipping and
+//! torch-semantics [`AdamW`] with save/load of its state.
 //!
 //! dfdx's `Gradients` offers no device-generic way to scale a gradient in place, so clipping is
 //! done as a scale factor ([`clip_scale`]) that [`AdamW::step`] applies to every gradient before
@@ -24,8 +24,6 @@ use crate::util::{c, Float};
 
 /// File name of the optimizer state inside a run directory.
 pub const OPTIM_FILE: &str = "optim.safetensors";
-/// File name of the training state inside a run directory.
-pub const TRAIN_STATE_FILE: &str = "train_state.json";
 
 /// Learning-rate schedule after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -122,31 +120,30 @@ impl OptimConf {
     }
 }
 
-/// The gradient of `t`, or an error naming the parameter when `grads` has none (use
-/// [`crate::params::alloc_grads`] to allocate every gradient).
+/// The gradient of `t`. A parameter the loss did not reach has no entry in `grads`; it gets a
+/// zero gradient (exactly what [`crate::params::alloc_grads`] gives it), allocated here before
+/// reading, since dfdx's `Gradients::get` panics on a missing entry.
 fn grad_of<S: Shape, E: Dtype, D: Device<E>>(
     name: &str,
-    grads: &Gradients<E, D>,
+    grads: &mut Gradients<E, D>,
     t: &Tensor<S, E, D>,
 ) -> Result<Tensor<S, E, D>> {
-    // `Gradients::get` panics on a missing entry and dfdx offers no public check.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| grads.get(t))).map_err(|_| {
-        anyhow::anyhow!(
-            "no gradient for parameter `{name}` (allocate them with params::alloc_grads)"
-        )
-    })
+    grads
+        .get_or_alloc_mut(t)
+        .map_err(|e| anyhow::anyhow!("allocating the gradient of parameter `{name}`: {e:?}"))?;
+    Ok(grads.get(t))
 }
 
 /// Global L2 norm of the gradients of every parameter of `model` (accumulated in f64 over the
 /// per-parameter sums of squares).
 pub fn grad_norm<E: Float, D: Device<E>, M: Params<E, D>>(
     model: &mut M,
-    grads: &Gradients<E, D>,
+    grads: &mut Gradients<E, D>,
 ) -> Result<f64> {
-    struct Norm<'a, E: Dtype, D: Device<E>>(&'a Gradients<E, D>, f64);
+    struct Norm<'a, E: Dtype, D: Device<E>>(&'a mut Gradients<E, D>, f64);
     impl<E: Float, D: Device<E>> ParamVisitor<E, D> for Norm<'_, E, D> {
         fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> Result<()> {
-            let g = grad_of(name, self.0, t)?;
+            let g = grad_of(name, &mut *self.0, t)?;
             let n = g.shape().num_elements();
             let s = g.reshape_like(&(n,)).square().sum::<Rank0, _>();
             self.1 += s.as_vec()[0].to_f64().unwrap_or(f64::NAN);
@@ -176,7 +173,7 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 /// `(pre-clip norm, scale)`.
 pub fn clip_grad_norm<E: Float, D: Device<E>, M: Params<E, D>>(
     model: &mut M,
-    grads: &Gradients<E, D>,
+    grads: &mut Gradients<E, D>,
     max_norm: f64,
 ) -> Result<(f64, f64)> {
     let norm = grad_norm(model, grads)?;
@@ -225,12 +222,11 @@ impl<E: Float, D: Device<E>> AdamW<E, D> {
     }
 
     /// Clips the gradients to `conf.clip` (global norm) and does one update at learning rate
-    /// `lr`. Every parameter must have a gradient in `grads` (see
-    /// [`crate::params::alloc_grads`]).
+    /// `lr`. A parameter without a gradient in `grads` is treated as having a zero one.
     pub fn step<M: Params<E, D>>(
         &mut self,
         model: &mut M,
-        grads: &Gradients<E, D>,
+        grads: &mut Gradients<E, D>,
         lr: f64,
     ) -> Result<StepInfo> {
         let (norm, scale) = clip_grad_norm(model, grads, self.conf.clip)?;
@@ -247,7 +243,7 @@ impl<E: Float, D: Device<E>> AdamW<E, D> {
     pub fn step_scaled<M: Params<E, D>>(
         &mut self,
         model: &mut M,
-        grads: &Gradients<E, D>,
+        grads: &mut Gradients<E, D>,
         lr: f64,
         grad_scale: f64,
     ) -> Result<()> {
@@ -373,7 +369,7 @@ impl<E: Float, D: Device<E>> AdamW<E, D> {
 }
 
 struct Update<'a, E: Dtype, D: Device<E>> {
-    grads: &'a Gradients<E, D>,
+    grads: &'a mut Gradients<E, D>,
     state: &'a mut BTreeMap<String, Moments<E, D>>,
     beta1: f64,
     beta2: f64,
@@ -388,7 +384,7 @@ impl<E: Float, D: Device<E>> ParamVisitor<E, D> for Update<'_, E, D> {
     fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> Result<()> {
         let shape = *t.shape();
         let n = shape.num_elements();
-        let mut g = grad_of(name, self.grads, t)?.reshape_like(&(n,));
+        let mut g = grad_of(name, &mut *self.grads, t)?.reshape_like(&(n,));
         if self.grad_scale != 1.0 {
             g = g * c::<E>(self.grad_scale);
         }
@@ -417,85 +413,4 @@ impl<E: Float, D: Device<E>> ParamVisitor<E, D> for Update<'_, E, D> {
         t.axpy(self.decay, &upd, -self.step_size);
         Ok(())
     }
-}
-
-/// Training progress saved next to the checkpoint (`train_state.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct TrainState {
-    /// Completed optimizer steps.
-    pub step: u64,
-    /// Seed of the run (data order and init).
-    pub seed: u64,
-    /// Tokens (or examples) consumed so far.
-    pub tokens_seen: u64,
-    /// Position of the data loader (opaque to this module).
-    pub data_position: u64,
-    /// Last training loss.
-    pub last_loss: Option<f64>,
-    /// Best validation loss so far.
-    pub best_val_loss: Option<f64>,
-}
-
-impl TrainState {
-    /// Writes `dir/train_state.json` (pretty JSON) atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).context("serializing the training state")?;
-        checkpoint::write_atomic(&dir.join(TRAIN_STATE_FILE), text.as_bytes())
-    }
-
-    /// Reads `dir/train_state.json`; the error names the file.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(TRAIN_STATE_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading training state {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("parsing training state {}", path.display()))
-    }
-}
-
-/// Writes a full training checkpoint into `dir`: `config.json`, `model.safetensors`,
-/// `optim.safetensors` and, last, `train_state.json` (each atomic; the training state is written
-/// last so that its presence marks a complete checkpoint).
-pub fn save_checkpoint<E, D, M>(
-    dir: &Path,
-    conf: &crate::config::ModelConf,
-    model: &mut M,
-    opt: &AdamW<E, D>,
-    state: &TrainState,
-) -> Result<()>
-where
-    E: Float,
-    D: Device<E>,
-    M: Params<E, D> + checkpoint::HasBuffers,
-{
-    checkpoint::save_run(dir, conf, model)?;
-    opt.save(&dir.join(OPTIM_FILE))?;
-    state.save(dir)
-}
-
-/// Loads the weights, the optimizer state and the training state written by
-/// [`save_checkpoint`] (the config is read separately with [`checkpoint::load_config`]).
-pub fn load_checkpoint<E, D, M>(
-    dir: &Path,
-    model: &mut M,
-    opt: &mut AdamW<E, D>,
-) -> Result<TrainState>
-where
-    E: Float,
-    D: Device<E>,
-    M: Params<E, D> + checkpoint::HasBuffers,
-{
-    let state = TrainState::load(dir)?;
-    checkpoint::load_run_weights(dir, model)?;
-    opt.load(model, &dir.join(OPTIM_FILE))?;
-    if opt.step != state.step {
-        bail!(
-            "checkpoint {}: optimizer step {} != training state step {}",
-            dir.display(),
-            opt.step,
-            state.step
-        );
-    }
-    Ok(state)
 }

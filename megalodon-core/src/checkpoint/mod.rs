@@ -26,6 +26,13 @@ use crate::config::ModelConf;
 use crate::params::{ParamVisitor, Params};
 use crate::util::Float;
 
+pub mod models;
+pub mod train_state;
+pub use train_state::{load_checkpoint, save_checkpoint, TrainState, TRAIN_STATE_FILE};
+
+/// Metadata key of the tensor checksum written into every safetensors file saved here.
+pub const CHECKSUM_KEY: &str = "megalodon_crc32";
+
 /// File name of the model weights inside a run directory.
 pub const MODEL_FILE: &str = "model.safetensors";
 /// File name of the model config inside a run directory.
@@ -195,12 +202,67 @@ impl Raw {
     }
 }
 
-/// Serializes named raw tensors (plus string metadata) to `path`, atomically.
+/// CRC-32 of named tensors: every key, dtype, shape and data byte, in key order.
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, StDtype, &'a [usize], &'a [u8])>) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (k, dt, shape, bytes) in tensors {
+        h.update(k.as_bytes());
+        h.update(format!("{dt:?}{shape:?}").as_bytes());
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    h.finalize()
+}
+
+/// Checks the tensors of a parsed file against the checksum in its metadata, when it has one
+/// (files written by other tools have none). The error names the file.
+pub(crate) fn verify_checksum(
+    st: &SafeTensors<'_>,
+    meta: &HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    let Some(want) = meta.get(CHECKSUM_KEY) else {
+        return Ok(());
+    };
+    let mut names: Vec<&String> = st.names();
+    names.sort();
+    let views = names
+        .iter()
+        .map(|k| {
+            st.tensor(k)
+                .map(|v| (k.as_str(), v))
+                .map_err(|e| anyhow::anyhow!("reading `{k}` from {}: {e:?}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let got = checksum(
+        views
+            .iter()
+            .map(|(k, v)| (*k, v.dtype(), v.shape(), v.data())),
+    );
+    if want != &format!("{got:08x}") {
+        bail!(
+            "{} is corrupt: its tensors have checksum {got:08x}, the file records {want}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Serializes named raw tensors (plus string metadata and a checksum of the tensors) to `path`,
+/// atomically.
 pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, Raw>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    let mut metadata = metadata.unwrap_or_default();
+    let sum = checksum(
+        tensors
+            .iter()
+            .map(|(k, r)| (k.as_str(), r.dtype, r.shape.as_slice(), r.bytes.as_slice())),
+    );
+    metadata.insert(CHECKSUM_KEY.to_string(), format!("{sum:08x}"));
+    let metadata = Some(metadata);
     let views = tensors
         .iter()
         .map(|(k, r)| {
@@ -222,14 +284,59 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading safetensors file {}", path.display()))
 }
 
-/// Parses safetensors bytes; the error names the file.
+/// Parses safetensors bytes and verifies their checksum (when recorded); errors name the file.
 pub(crate) fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes).map_err(|e| {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
         anyhow::anyhow!(
             "{} is not a valid safetensors file (truncated or corrupt?): {e:?}",
             path.display()
         )
-    })
+    })?;
+    verify_checksum(&st, &parse_metadata(bytes, path)?, path)?;
+    Ok(st)
+}
+
+/// Reads only the header of the safetensors file at `path` and checks that tensor `key` has
+/// `shape`, so that a config can be checked against the weights before anything is allocated.
+/// A missing key is left to the full load to report.
+pub fn check_header_shape(path: &Path, key: &str, shape: &[usize]) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("opening safetensors file {}", path.display()))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .with_context(|| format!("{} is too short for a safetensors header", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    let file_len = f
+        .metadata()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len();
+    if n > file_len.saturating_sub(8) || n > 100_000_000 {
+        bail!(
+            "{} is not a valid safetensors file: header of {n} bytes in a file of {file_len}",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .with_context(|| format!("reading the header of {}", path.display()))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).with_context(|| {
+        format!(
+            "{} is not a valid safetensors file (bad JSON header)",
+            path.display()
+        )
+    })?;
+    if let Some(found) = header.get(key).and_then(|t| t.get("shape")) {
+        let found: Vec<usize> = serde_json::from_value(found.clone())
+            .with_context(|| format!("{}: bad shape for `{key}`", path.display()))?;
+        if found != shape {
+            bail!(
+                "{}: `{key}` has shape {found:?}, the config implies {shape:?}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The string metadata (`__metadata__`) of safetensors bytes.
@@ -546,7 +653,7 @@ where
 
 /// Writes `config.json` (pretty JSON) and `model.safetensors` into `dir` (created if needed),
 /// each atomically.
-pub fn save_run<E, D, M>(dir: &Path, conf: &ModelConf, model: &mut M) -> Result<()>
+pub fn save_run<E, D, M>(dir: &Path, conf: &impl serde::Serialize, model: &mut M) -> Result<()>
 where
     E: Float,
     D: Device<E>,
@@ -559,7 +666,7 @@ where
 }
 
 /// Writes `dir/config.json` (pretty JSON) atomically.
-pub fn save_config(dir: &Path, conf: &ModelConf) -> Result<()> {
+pub fn save_config(dir: &Path, conf: &impl serde::Serialize) -> Result<()> {
     let path = dir.join(CONFIG_FILE);
     let text = serde_json::to_string_pretty(conf).context("serializing the model config")?;
     write_atomic(&path, text.as_bytes())
@@ -569,6 +676,14 @@ pub fn save_config(dir: &Path, conf: &ModelConf) -> Result<()> {
 /// caller's job.
 pub fn load_config(dir: &Path) -> Result<ModelConf> {
     ModelConf::load(&dir.join(CONFIG_FILE))
+}
+
+/// Reads `dir/config.json` as any head's config type; the error names the file.
+pub fn load_json<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
 /// Loads `dir/model.safetensors` into `model` (see [`load_safetensors`]).
