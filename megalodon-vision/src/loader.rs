@@ -13,16 +13,18 @@
 //! * **Bad files**: an image that cannot be decoded (corrupt, truncated, unsupported format)
 //!   or is smaller than one patch is reported on stderr with its path, left out of its batch
 //!   and counted ([`Batch::skipped`], [`EpochIter::skipped`]); a batch may thus hold fewer
-//!   than `batch_size` images, even none. When no image of a whole epoch can be read the
-//!   iterator yields an error saying so.
+//!   than `batch_size` images, even none. Each bad file is reported once per loader; it is
+//!   counted in every epoch ([`EpochIter::skipped_files`] names them for an epoch summary).
+//!   When no image of a whole epoch can be read the iterator yields an error saying so.
 //! * **Resume**: [`Loader::epoch_from`] starts at a batch index; [`Loader::batch`] builds one
 //!   batch synchronously.
 
+use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -54,7 +56,8 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// Decoding threads: 0 uses rayon's global pool, `n > 0` a private pool of `n` threads.
     pub threads: usize,
-    /// Whether to print a warning on stderr for every skipped image.
+    /// Whether to print a warning on stderr (with the file and the reason) the first time an
+    /// image is skipped; later epochs still skip and count it, silently.
     pub warn: bool,
 }
 
@@ -98,6 +101,8 @@ pub struct Batch {
     pub patch_dim: usize,
     /// Sample indices (into [`ImageFolder::samples`]) of the images, `batch` values.
     pub samples: Vec<usize>,
+    /// Paths of the images left out, `skipped` values.
+    pub skipped_files: Vec<PathBuf>,
 }
 
 struct Inner {
@@ -107,6 +112,8 @@ struct Inner {
     patch_dim: usize,
     image_len: usize,
     pool: Option<rayon::ThreadPool>,
+    /// Samples already warned about: each bad file is reported once per loader, not per epoch.
+    reported: Mutex<HashSet<usize>>,
 }
 
 /// Batches of an [`ImageFolder`] (see the module docs). Cheap to clone (shared).
@@ -171,6 +178,7 @@ impl Loader {
                 patch_dim,
                 image_len,
                 pool,
+                reported: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -291,6 +299,7 @@ impl Loader {
             failed,
             epoch,
             skipped: 0,
+            skipped_files: Vec::new(),
             images: 0,
             batches: 0,
         }
@@ -356,7 +365,7 @@ impl Inner {
         let mut patches = Vec::with_capacity(self.image_len * ids.len());
         let mut labels = Vec::with_capacity(ids.len());
         let mut samples = Vec::with_capacity(ids.len());
-        let mut skipped_files: Vec<PathBuf> = Vec::new();
+        let mut skipped_files = Vec::new();
         for (&i, r) in ids.iter().zip(results) {
             match r {
                 Ok(img) => {
@@ -365,7 +374,7 @@ impl Inner {
                     samples.push(i);
                 }
                 Err(e) => {
-                    if self.cfg.warn {
+                    if self.cfg.warn && self.first_report(i) {
                         eprintln!(
                             "warning: skipping an image (epoch {epoch}, batch {index}): {e:#}"
                         );
@@ -384,7 +393,16 @@ impl Inner {
             tokens: self.tokens,
             patch_dim: self.patch_dim,
             samples,
+            skipped_files,
         })
+    }
+
+    /// Whether sample `i` has not been reported yet (and marks it reported).
+    fn first_report(&self, i: usize) -> bool {
+        match self.reported.lock() {
+            Ok(mut set) => set.insert(i),
+            Err(poisoned) => poisoned.into_inner().insert(i),
+        }
     }
 }
 
@@ -399,6 +417,7 @@ pub struct EpochIter {
     failed: Option<anyhow::Error>,
     epoch: u64,
     skipped: usize,
+    skipped_files: Vec<PathBuf>,
     images: usize,
     batches: usize,
 }
@@ -412,6 +431,11 @@ impl EpochIter {
     /// Images skipped (unreadable) in the batches yielded so far: for the epoch summary.
     pub fn skipped(&self) -> usize {
         self.skipped
+    }
+
+    /// Paths of the images skipped in the batches yielded so far.
+    pub fn skipped_files(&self) -> &[PathBuf] {
+        &self.skipped_files
     }
 
     /// Images delivered in the batches yielded so far.
@@ -445,6 +469,7 @@ impl Iterator for EpochIter {
         match rx.recv() {
             Ok(Ok(b)) => {
                 self.skipped += b.skipped;
+                self.skipped_files.extend(b.skipped_files.iter().cloned());
                 self.images += b.batch;
                 self.batches += 1;
                 Some(Ok(b))

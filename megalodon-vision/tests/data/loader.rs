@@ -146,6 +146,30 @@ fn bad_images_are_skipped_and_counted() {
     assert_eq!(it.skipped(), 4);
     assert_eq!(it.images(), 10);
     assert_eq!(batches.iter().map(|b| b.skipped).sum::<usize>(), 4);
+    let mut names: Vec<String> = it
+        .skipped_files()
+        .iter()
+        .map(|p| {
+            p.strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/")
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "a/bad_tiny.png",
+            "a/bad_truncated.png",
+            "b/bad_garbage.jpg",
+            "b/bad_gif.png"
+        ]
+    );
+    // Counted again in the next epoch.
+    let mut it1 = loader.epoch(1);
+    assert_eq!((&mut it1).map(|b| b.unwrap().batch).sum::<usize>(), 10);
+    assert_eq!(it1.skipped(), 4);
     for b in &batches {
         assert_eq!(
             b.patches.len(),

@@ -2,6 +2,7 @@
 //! One test binary (modules below) to keep link time down.
 
 mod common;
+mod export;
 mod image_folder;
 mod loader;
 mod patches;
