@@ -5,6 +5,7 @@
 #   data/fashion-mnist/{train,val}/<id>-<class>/NNNNN.png
 #
 # Usage: scripts/fashion-mnist-export.sh [OUT_DIR]   (default: data/fashion-mnist in the repo root)
+#        FASHION_MNIST_SRC=DIR overrides the folder of the four IDX .gz files.
 #
 # Installs the Debian package when its files are missing (needs root and apt-get). Needs python3
 # (standard library only, see scripts/fashion-mnist-export.py). The tree is written to OUT_DIR.tmp
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SRC=/usr/share/datasets/fashion-mnist
+SRC="${FASHION_MNIST_SRC:-/usr/share/datasets/fashion-mnist}"  # where the Debian package puts the IDX files
 OUT="${1:-$ROOT/data/fashion-mnist}"
 
 have_src() {
@@ -24,6 +25,10 @@ have_src() {
 }
 
 if ! have_src; then
+  if [ -n "${FASHION_MNIST_SRC:-}" ]; then
+    echo "error: FASHION_MNIST_SRC=$SRC lacks the four Fashion-MNIST IDX .gz files" >&2
+    exit 1
+  fi
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     echo "error: $SRC is missing and cannot be installed here (needs root and apt-get):" >&2
     echo "       apt-get install dataset-fashion-mnist" >&2

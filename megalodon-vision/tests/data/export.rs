@@ -124,3 +124,17 @@ fn export_helper_writes_a_readable_image_folder() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("t10k-labels"));
 }
+
+/// The real export, when `scripts/fashion-mnist-export.sh` has been run (ignored by default:
+/// `cargo test -p megalodon-vision --test data -- --ignored`).
+#[test]
+#[ignore = "needs data/fashion-mnist from scripts/fashion-mnist-export.sh"]
+fn real_fashion_mnist_export() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist");
+    let data = DatasetSplits::open(&root, None, 0).unwrap();
+    assert_eq!(data.train.num_classes(), 10);
+    assert_eq!(data.train.class_counts(), vec![6000; 10]);
+    assert_eq!(data.val.class_counts(), vec![1000; 10]);
+    let im = load_rgb(&data.val.samples()[0].path).unwrap();
+    assert_eq!(im.dimensions(), (28, 28));
+}
