@@ -374,7 +374,8 @@ pub fn center_crop(img: &RgbImage, cw: u32, ch: u32) -> Result<RgbImage> {
 /// The box `(x, y, width, height)` of a random resized crop of a `w × h` image, as torchvision's
 /// `RandomResizedCrop.get_params`: up to 10 draws of an area fraction in `scale` and a
 /// log-uniform aspect ratio in `ratio`; when none fits, the whole image center-cropped to the
-/// nearest allowed ratio. Always inside the image with width and height `>= 1`.
+/// nearest allowed ratio. For `w, h >= 1` and ranges that pass [`Transform::validate`], the box
+/// is inside the image with width and height `>= 1`.
 pub fn random_resized_crop_box(
     w: u32,
     h: u32,
