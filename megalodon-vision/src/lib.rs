@@ -2,6 +2,46 @@
 //!
 //! Image classification with Megalodon: image loading and patching, a patch embedding and a
 //! classifier head over the bidirectional block
-//! ([`megalodon_core::nn::bidirectional::BidirectionalBlock`]). Skeleton until its issue.
+//! ([`megalodon_core::nn::bidirectional::BidirectionalBlock`]).
+//!
+//! The data layer (no model needed):
+//! * [`image_folder`]: an ImageFolder reader (one sub-folder per class, `train/` + `val/` or a
+//!   seeded stratified split), decoding PNG, JPEG, BMP and WebP to RGB.
+//! * [`transforms`]: resize + center crop (eval), random resized crop + flip (training),
+//!   per-channel normalisation, HWC or CHW output.
+//! * [`patches`]: square images to raster-ordered `P·P·C` patches.
+//! * [`loader`]: seeded epochs of patchified batches, decoded in parallel and prefetched,
+//!   resumable at a batch index; unreadable images reported, skipped and counted.
+//! * [`rng`]: the small seeded generator behind the shuffles and augmentations.
+//!
+//! ```no_run
+//! use megalodon_vision::{DatasetSplits, Loader, LoaderConfig, Normalize, Transform, ColorMode};
+//! # fn main() -> anyhow::Result<()> {
+//! let data = DatasetSplits::open("data/fashion-mnist", None, 0)?;
+//! let transform = Transform::train(28)
+//!     .with_color(ColorMode::Gray)
+//!     .with_normalize(Normalize::fashion_mnist());
+//! let mut cfg = LoaderConfig::new(transform, 4, 64); // patch 4, batch 64
+//! cfg.seed = 1;
+//! let loader = Loader::new(data.train, cfg)?;
+//! let mut batches = loader.epoch(0);
+//! for batch in &mut batches {
+//!     let batch = batch?; // batch.patches: batch.batch x loader.tokens() x loader.patch_dim()
+//! #   let _ = batch;
+//! }
+//! println!("skipped {} unreadable images", batches.skipped());
+//! # Ok(()) }
+//! ```
 
 pub use megalodon_core;
+
+pub mod image_folder;
+pub mod loader;
+pub mod patches;
+pub mod rng;
+pub mod transforms;
+
+pub use image_folder::{load_rgb, DatasetSplits, ImageFolder, Sample, IMAGE_EXTENSIONS};
+pub use loader::{Batch, EpochIter, Loader, LoaderConfig};
+pub use patches::{num_patches, patch_dim, patchify, patchify_const, patchify_into, unpatchify};
+pub use transforms::{Augment, ColorMode, Layout, Normalize, Transform};
