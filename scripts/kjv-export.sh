@@ -55,8 +55,8 @@ if ! mod2imp "$module" -s >"$IMP" 2>"$TMP/err" || [ ! -s "$IMP" ]; then
 fi
 [ -s "$IMP" ] || { echo "error: mod2imp $module produced no output" >&2; exit 1; }
 
-rm -rf "$OUT"
 mkdir -p "$OUT"
+rm -f "$OUT"/[0-9][0-9]-*.txt  # only files a previous export wrote
 python3 - "$IMP" "$OUT" <<'PY'
 import os, re, sys
 imp, out = sys.argv[1], sys.argv[2]
