@@ -136,8 +136,10 @@ impl Tokenizer {
             .map(|&id| id as usize + 1)
             .max()
             .unwrap_or(0);
-        ensure!(vocab_size > 0, "the tokenizer has an empty vocabulary");
-        check_vocab_size(vocab_size)?;
+        ensure!(
+            (MIN_VOCAB..=MAX_VOCAB).contains(&vocab_size),
+            "the tokenizer's vocabulary has {vocab_size} ids; {MIN_VOCAB} to {MAX_VOCAB} are supported"
+        );
         Ok(Tokenizer {
             inner,
             vocab_size,

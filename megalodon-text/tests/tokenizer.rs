@@ -131,6 +131,19 @@ fn corrupt_and_missing_files_are_named() {
     std::fs::write(&p, r#"{"hello": "world"}"#).unwrap();
     let e = format!("{:#}", Tokenizer::from_file(&p).unwrap_err());
     assert!(e.contains("broken-tokenizer.json"), "{e}");
+    // A well-formed file whose vocabulary is too small for a language model (one id).
+    std::fs::write(
+        &p,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}"#,
+    )
+    .unwrap();
+    let e = format!("{:#}", Tokenizer::from_file(&p).unwrap_err());
+    assert!(
+        e.contains("broken-tokenizer.json") && e.contains("1 ids"),
+        "{e}"
+    );
     // Not UTF-8 at all.
     std::fs::write(&p, b"\xff\xfe\x00").unwrap();
     let e = format!("{:#}", Tokenizer::from_file(&p).unwrap_err());
