@@ -6,8 +6,8 @@
 use dfdx::prelude::*;
 use megalodon_core::fit::{train_step, Batch};
 use megalodon_core::golden::{load_params, max_abs_diff, Golden};
-use megalodon_core::presets::Tiny;
 use megalodon_core::optim::{AdamW, OptimConf};
+use megalodon_core::presets::Tiny;
 use megalodon_core::util::to_f64;
 use megalodon_core::ModelConf;
 

@@ -8,6 +8,7 @@ pub mod bidirectional;
 pub mod block;
 pub mod cema;
 pub mod chunked_attention;
+pub mod classifier;
 pub mod encoder;
 pub mod layers;
 pub mod model;
