@@ -167,7 +167,23 @@ fn describe(e: hound::Error, name: &str) -> anyhow::Error {
     }
 }
 
+/// [`decode_unguarded`] with a panic in the decoder or resampler turned into an error naming
+/// the file: a malformed file must never bring down a training run.
 fn decode_inner(
+    reader: impl Read,
+    file_len: Option<u64>,
+    name: &str,
+    opts: &ReadOptions,
+) -> Result<Audio> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_unguarded(reader, file_len, name, opts)
+    })) {
+        Ok(r) => r,
+        Err(_) => bail!("the WAV decoder panicked on {name} (a malformed file)"),
+    }
+}
+
+fn decode_unguarded(
     reader: impl Read,
     file_len: Option<u64>,
     name: &str,

@@ -246,3 +246,58 @@ fn truncated_stream_and_duration_limit() {
         48_000
     );
 }
+
+#[test]
+fn mutated_files_never_panic() {
+    use megalodon_audio::rng::SplitMix64;
+    // Valid files of several formats, then random byte flips, truncations and header edits:
+    // every outcome must be Ok (finite samples) or an error naming the stream.
+    let mut bases = Vec::new();
+    let ints: Vec<u8> = (0..400u32)
+        .flat_map(|i| ((i * 97) as i16).to_le_bytes())
+        .collect();
+    bases.push(raw_wav(1, 2, 44_100, 16, &ints, ints.len() as u32));
+    bases.push(raw_wav(1, 1, 8_000, 8, &ints[..300], 300));
+    bases.push(raw_wav(1, 1, 16_000, 24, &ints[..600], 600));
+    let floats: Vec<u8> = (0..200)
+        .flat_map(|i| (i as f32 / 400.0).to_le_bytes())
+        .collect();
+    bases.push(raw_wav(3, 1, 22_050, 32, &floats, floats.len() as u32));
+    let mut rng = SplitMix64::new(2024);
+    let opts = ReadOptions {
+        max_seconds: 5,
+        ..ReadOptions::default()
+    };
+    let (mut ok, mut err) = (0, 0);
+    for round in 0..3_000 {
+        let mut b = bases[round % bases.len()].clone();
+        match rng.below(3) {
+            0 => {
+                for _ in 0..1 + rng.below(4) {
+                    let i = rng.below(b.len() as u64) as usize;
+                    b[i] = rng.next_u64() as u8;
+                }
+            }
+            1 => b.truncate(rng.below(b.len() as u64) as usize),
+            _ => {
+                // Edit a header byte (the first 44 bytes hold every size field).
+                let i = rng.below(44) as usize;
+                b[i] = rng.next_u64() as u8;
+            }
+        }
+        match decode_wav(&b[..], "fuzz.wav", &opts) {
+            Ok(x) => {
+                assert!(x.iter().all(|v| v.is_finite()));
+                ok += 1;
+            }
+            Err(e) => {
+                assert!(format!("{e:#}").contains("fuzz.wav"), "{e:#}");
+                err += 1;
+            }
+        }
+    }
+    assert!(
+        ok > 100 && err > 100,
+        "ok {ok}, err {err}: mutations too weak or too strong"
+    );
+}
