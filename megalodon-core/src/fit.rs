@@ -1,5 +1,6 @@
 //! One resumable training loop for every head: AdamW with the official defaults, warmup + decay,
-//! global-norm clipping, periodic validation, checkpoints, `run.json` and `metrics.csv`.
+//! global-norm clipping, periodic validation, checkpoints, `run.json`, `metrics.csv` and the
+//! `loss.png` curves.
 //!
 //! A head takes part by implementing [`Trainable`]: its parameters ([`Params`]), its buffers and
 //! tied keys ([`HasBuffers`]), the config written as `config.json`, and the loss of a batch of
@@ -420,6 +421,10 @@ pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
         let due = conf.ckpt_every > 0 && state.step.is_multiple_of(conf.ckpt_every);
         if let (Some(out), true) = (&conf.out, due || state.step == conf.steps) {
             checkpoint(out, model, &opt, &state)?;
+            // the curves are a convenience: failing to draw them never stops training
+            if let Err(e) = crate::plot::training_curves(out) {
+                eprintln!("warning: could not draw the training curves: {e:#}");
+            }
         }
     }
     Ok(logs)

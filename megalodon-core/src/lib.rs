@@ -38,6 +38,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod presets;
 pub mod util;
 
