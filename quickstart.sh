@@ -8,6 +8,6 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust >= 1.87 (https://rustup.rs) and re-run" >&2
   exit 1
 fi
-cargo run --release --example parity -- tests/fixtures/megalodon-golden-tiny.json
-cargo run --release --example parity -- tests/fixtures/model_swiglu.json
+cargo run --release --example parity -- megalodon-core/tests/fixtures/megalodon-golden-tiny.json
+cargo run --release --example parity -- megalodon-core/tests/fixtures/model_swiglu.json
 cargo run --release --example train_copy -- --out runs/copy "$@"

@@ -1,8 +1,8 @@
 //! Numerical parity with the official Megalodon implementation on a golden-vector file.
 //!
 //! ```text
-//! cargo run --release --example parity -- tests/fixtures/megalodon-golden-tiny.json
-//! cargo run --release --example parity -- tests/fixtures/model_swiglu.json
+//! cargo run --release --example parity -- megalodon-core/tests/fixtures/megalodon-golden-tiny.json
+//! cargo run --release --example parity -- megalodon-core/tests/fixtures/model_swiglu.json
 //! ```
 //! Reads any model golden file of the `Tiny` dims (plain or SwiGLU, any B and T, any
 //! `incremental_split`), runs the full forward and the cached incremental forward with that
@@ -21,7 +21,7 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(about = "Compare Tiny Megalodon with official golden logits")]
 struct Args {
-    /// Golden JSON file (layout of tests/fixtures/megalodon-golden-tiny.json).
+    /// Golden JSON file (layout of megalodon-core/tests/fixtures/megalodon-golden-tiny.json).
     file: PathBuf,
     /// Maximum allowed |difference|.
     #[arg(long, default_value_t = 1e-4)]

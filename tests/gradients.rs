@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use std::collections::BTreeMap;
 
 mod common;
-use common::{fd_all, Grab, Randomize};
+use common::{fd_all, max_diff, Grab, Randomize};
 
 /// Entries checked per parameter tensor (the largest-gradient one and random ones).
 const FD_PER_TENSOR: usize = 8;
@@ -145,11 +145,7 @@ fn bidirectional_block_sees_the_future_and_reversal_swaps_directions() {
     let e = blk.bidirectional_ema(x.clone()).unwrap().as_vec();
     let xr = dev.tensor_from_vec(rev(&x.as_vec()), (1, t, Const::<16>));
     let er = rev(&swapped.bidirectional_ema(xr).unwrap().as_vec());
-    let d = e
-        .iter()
-        .zip(&er)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let d = max_diff(&e, &er);
     assert!(
         d < 1e-10,
         "reversed input with swapped directions differs by {d}"

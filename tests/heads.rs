@@ -18,27 +18,11 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
 mod common;
-use common::{fd_all, Grab, Randomize};
+use common::{fd_all, max_diff, Grab, Randomize};
 
 /// Two layers, M 16, Z 8, V 16, H 2, F 24, N 4, G 2 (the widths of the block gradient test).
 type Enc<E> = BidirectionalEncoder<2, 16, 8, 16, 2, 24, 4, 2, E, Cpu>;
 const CHUNK: usize = 8;
-
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    // NaN anywhere fails: NaN never compares below a tolerance and is mapped to infinity here
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = (x - y).abs();
-            if d.is_nan() {
-                f64::INFINITY
-            } else {
-                d
-            }
-        })
-        .fold(0.0, f64::max)
-}
 
 fn encoder(seed: u64) -> Enc<f64> {
     let dev: Cpu = Default::default();

@@ -69,8 +69,17 @@ macro_rules! cpu_mega_device {
         }
     };
 }
+#[cfg(not(feature = "composed-ops"))]
 cpu_mega_device!(f32);
+#[cfg(not(feature = "composed-ops"))]
 cpu_mega_device!(f64);
+
+// With `composed-ops`, `Cpu` runs the composed reference ops end to end: the path every other
+// device (CUDA) takes, checked against the golden vectors in CI.
+#[cfg(feature = "composed-ops")]
+impl MegaDevice<f32> for Cpu {}
+#[cfg(feature = "composed-ops")]
+impl MegaDevice<f64> for Cpu {}
 
 #[cfg(feature = "cuda")]
 impl MegaDevice<f32> for Cuda {}

@@ -145,7 +145,15 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            // NaN on either side is the worst possible match, never a perfect one
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d
+            }
+        })
         .fold(0.0, f64::max)
 }
 

@@ -13,7 +13,7 @@ const GN: usize = 4; // golden cema_ndim
 fn golden() -> Golden {
     Golden::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/cema.json"
+        "/tests/fixtures/cema.json"
     ))
     .expect("golden file")
 }

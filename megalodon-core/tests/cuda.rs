@@ -22,7 +22,7 @@ fn tiny_on_cuda_matches_official_logits_and_trains() {
     };
     let g = Golden::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/megalodon-golden-tiny.json"
+        "/tests/fixtures/megalodon-golden-tiny.json"
     ))
     .unwrap();
     let conf: ModelConf = serde_json::from_value(g.value(&["config"]).unwrap().clone()).unwrap();

@@ -181,7 +181,7 @@ fn op_matches_composed_f32() {
 fn golden() -> Golden {
     Golden::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/cema.json"
+        "/tests/fixtures/cema.json"
     ))
     .expect("golden file")
 }

@@ -9,7 +9,7 @@ use megalodon_core::util::to_f64;
 fn fixture() -> Golden {
     Golden::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/timestep_norm.json"
+        "/tests/fixtures/timestep_norm.json"
     ))
     .unwrap()
 }
