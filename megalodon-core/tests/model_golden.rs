@@ -393,3 +393,68 @@ fn rewindowed_norm_statistics_cover_the_last_chunks() {
     assert_eq!(st.layers[0].norm.count, vec![6 * c]);
     assert!(m.new_state_rewindowed(1, Rewindow::new(2, 2)).is_err());
 }
+
+#[test]
+fn rewindowing_keeps_each_batch_row_its_own_history() {
+    use megalodon_core::nn::model::Rewindow;
+    let g = fixture("megalodon-golden-tiny.json");
+    let m = tiny_from(&g);
+    let c = 8;
+    let t = 12 * c;
+    let rows: Vec<Vec<usize>> = (0..2)
+        .map(|r| (0..t).map(|i| (i * (7 + 4 * r) + 3 * r + 1) % 50).collect())
+        .collect();
+    let both: Vec<usize> = rows.concat();
+    let mut st2 = m.new_state_rewindowed(2, Rewindow::official()).unwrap();
+    let mut out2 = Vec::new();
+    for call in 0..t / (2 * c) {
+        let (lo, hi) = (call * 2 * c, (call + 1) * 2 * c);
+        let toks = megalodon_core::util::time_slice(&both, 2, t, 1, lo, hi);
+        out2.push(to_f64(&m.forward_stream(&toks, 2, hi - lo, &mut st2).unwrap()));
+    }
+    // each row alone (batch 1) must give the same logits as in the batch of two
+    let v = m.vocab_size();
+    for (r, row) in rows.iter().enumerate() {
+        let mut st1 = m.new_state_rewindowed(1, Rewindow::official()).unwrap();
+        for (call, batched) in out2.iter().enumerate() {
+            let toks = &row[call * 2 * c..(call + 1) * 2 * c];
+            let alone = to_f64(&m.forward_stream(toks, 1, 2 * c, &mut st1).unwrap());
+            let n = 2 * c * v;
+            let d = max_abs_diff(&alone, &batched[r * n..(r + 1) * n]);
+            assert!(d < LOGIT_TOL, "row {r}, call {call}: differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn rescale_nffn_scales_the_ffn_branch_by_alpha() {
+    // out = x + alpha * FFN(LN(y)): with alpha = a the branch is a times the alpha = 1 branch
+    use megalodon_core::nn::nffn::NormalizedFfn;
+    let dev: Cpu = Default::default();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let mut f = NormalizedFfn::<16, 24, f64, Cpu>::new(&dev, &mut rng, 1e-5, false, Some(2));
+    assert_eq!(
+        f.alpha.as_ref().unwrap().as_vec(),
+        vec![0.1 * 0.25; 16],
+        "alpha init 0.1 * 0.5^layer"
+    );
+    let x: Tensor<(usize, usize, Const<16>), f64, Cpu> = dev.sample_normal_like(&(2, 5, Const));
+    let y: Tensor<(usize, usize, Const<16>), f64, Cpu> = dev.sample_normal_like(&(2, 5, Const));
+    let branch = |f: &NormalizedFfn<16, 24, f64, Cpu>| -> Vec<f64> {
+        let out = f.forward(y.clone(), x.clone(), &mut None).as_vec();
+        out.iter().zip(x.as_vec()).map(|(o, x)| o - x).collect()
+    };
+    let alpha: Vec<f64> = (0..16).map(|i| 0.5 + 0.1 * i as f64).collect();
+    f.alpha = Some(dev.tensor_from_vec(vec![1.0; 16], Rank1::<16>::default()));
+    let unit = branch(&f);
+    f.alpha = Some(dev.tensor_from_vec(alpha.clone(), Rank1::<16>::default()));
+    let scaled = branch(&f);
+    let want: Vec<f64> = unit
+        .iter()
+        .enumerate()
+        .map(|(i, u)| u * alpha[i % 16])
+        .collect();
+    let d = max_abs_diff(&scaled, &want);
+    assert!(d < 1e-12, "alpha is not applied per feature: {d}");
+    assert!(unit.iter().map(|u| u.abs()).sum::<f64>() > 1e-3);
+}
