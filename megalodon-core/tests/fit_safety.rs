@@ -13,7 +13,12 @@ const VOCAB: usize = 11;
 
 fn model(seed: u64) -> Tiny<f32, Cpu> {
     let dev: Cpu = Default::default();
-    Tiny::<f32, Cpu>::new(&dev, Tiny::<f32, Cpu>::default_conf(TINY_CHUNK, VOCAB), seed).unwrap()
+    Tiny::<f32, Cpu>::new(
+        &dev,
+        Tiny::<f32, Cpu>::default_conf(TINY_CHUNK, VOCAB),
+        seed,
+    )
+    .unwrap()
 }
 
 fn batch(step: u64) -> anyhow::Result<Batch> {
@@ -110,7 +115,10 @@ fn a_run_directory_is_never_started_over_unless_told() {
         },
     )
     .unwrap();
-    assert!(keep.exists(), "a checkpoint that was not superseded was deleted");
+    assert!(
+        keep.exists(),
+        "a checkpoint that was not superseded was deleted"
+    );
     assert!(
         !out.join("ckpt-00000004").exists(),
         "the superseded checkpoint stays"
@@ -126,17 +134,7 @@ fn resume_checks_the_run_settings() {
     run(out, &conf(out, 2)).unwrap();
     let resume = |fc: FitConf, o: OptimConf| {
         let mut m = model(1);
-        fit(
-            &mut m,
-            o,
-            &FitConf {
-                resume: true,
-                ..fc
-            },
-            batch,
-            |_| {},
-        )
-        .map(|l| l.len())
+        fit(&mut m, o, &FitConf { resume: true, ..fc }, batch, |_| {}).map(|l| l.len())
     };
     let e = err(resume(
         conf(out, 4),
@@ -212,7 +210,10 @@ fn flipped_bytes_and_absurd_configs_are_refused() {
     bytes[n - 5] ^= 0x10; // a data byte near the end
     std::fs::write(&path, &bytes).unwrap();
     let dev: Cpu = Default::default();
-    let e = format!("{:#}", Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap());
+    let e = format!(
+        "{:#}",
+        Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap()
+    );
     assert!(e.contains("corrupt") && e.contains("checksum"), "{e}");
     bytes[n - 5] ^= 0x10;
     std::fs::write(&path, &bytes).unwrap();
@@ -227,22 +228,43 @@ fn flipped_bytes_and_absurd_configs_are_refused() {
     );
     assert_ne!(huge, text);
     std::fs::write(&cfg, &huge).unwrap();
-    let e = format!("{:#}", Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap());
+    let e = format!(
+        "{:#}",
+        Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap()
+    );
     assert!(e.contains("vocab_size 100000000000"), "{e}");
     // a plausible but wrong vocabulary is caught from the weights' header
-    std::fs::write(&cfg, text.replace(&format!("\"vocab_size\": {VOCAB}"), "\"vocab_size\": 5000")).unwrap();
-    let e = format!("{:#}", Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap());
-    assert!(e.contains("embed.weight") && e.contains("[5000, 32]"), "{e}");
+    std::fs::write(
+        &cfg,
+        text.replace(&format!("\"vocab_size\": {VOCAB}"), "\"vocab_size\": 5000"),
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap()
+    );
+    assert!(
+        e.contains("embed.weight") && e.contains("[5000, 32]"),
+        "{e}"
+    );
     // a missing field is reported as missing; a non-finite number names its field
     std::fs::write(&cfg, text.replace("\"z_dim\": 16,", "")).unwrap();
-    let e = format!("{:#}", Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap());
+    let e = format!(
+        "{:#}",
+        Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap()
+    );
     assert!(e.contains("config field `z_dim` is missing"), "{e}");
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["norm_eps"] = serde_json::json!(12345.5);
-    let inf = serde_json::to_string(&v).unwrap().replace("12345.5", "1e400");
+    let inf = serde_json::to_string(&v)
+        .unwrap()
+        .replace("12345.5", "1e400");
     assert!(inf.contains("1e400"));
     std::fs::write(&cfg, inf).unwrap();
-    let e = format!("{:#}", Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap());
+    let e = format!(
+        "{:#}",
+        Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap()
+    );
     assert!(e.contains("config.json"), "{e}");
 }
 
@@ -276,5 +298,8 @@ fn a_torn_metrics_row_is_dropped_on_resume() {
         .map(|l| l.split(',').next().unwrap())
         .collect();
     assert_eq!(steps, ["1", "2", "3", "4"], "{text}");
-    assert!(text.lines().skip(1).all(|l| l.split(',').count() == 5), "{text}");
+    assert!(
+        text.lines().skip(1).all(|l| l.split(',').count() == 5),
+        "{text}"
+    );
 }

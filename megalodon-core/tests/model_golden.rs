@@ -64,10 +64,7 @@ fn check_model(file: &str) {
     let d_full = max_abs_diff(&full, &g.tensor(&["logits_full"]).unwrap().data);
     let d_ref = max_abs_diff(&full, &g.tensor(&["reference_full_fp64"]).unwrap().data);
     println!("{file}: full max|diff| = {d_full:.3e} (vs fp64 reference {d_ref:.3e})");
-    assert!(
-        d_full < LOGIT_TOL,
-        "{file}: full logits differ by {d_full}"
-    );
+    assert!(d_full < LOGIT_TOL, "{file}: full logits differ by {d_full}");
     assert!(
         d_ref < LOGIT_TOL,
         "{file}: logits differ from the fp64 reference by {d_ref}"
@@ -141,12 +138,13 @@ fn final_streaming_state_matches_official_cache() {
     // mid-chunk must hold exactly that chunk's rotated keys: continue from it and compare
     let mut mid = m.new_state(b);
     let cut = t - 3;
-    let head = m
-        .forward_in_calls(&toks, b, t, &[cut], &mut mid)
-        .unwrap();
+    let head = m.forward_in_calls(&toks, b, t, &[cut], &mut mid).unwrap();
     assert_eq!(head.len(), b * cut * m.vocab_size());
     for ls in &mid.layers {
-        assert_eq!(ls.kv.as_ref().map(|k| k.len()), Some(cut % m.conf().chunk_size));
+        assert_eq!(
+            ls.kv.as_ref().map(|k| k.len()),
+            Some(cut % m.conf().chunk_size)
+        );
     }
     let tail = megalodon_core::util::time_slice(&toks, b, t, 1, cut, t);
     let rest = to_f64(&m.forward_stream(&tail, b, t - cut, &mut mid).unwrap());
@@ -154,7 +152,10 @@ fn final_streaming_state_matches_official_cache() {
     let v = m.vocab_size();
     let want = megalodon_core::util::time_slice(&full, b, t, v, cut, t);
     let d = max_abs_diff(&rest, &want);
-    assert!(d < LOGIT_TOL, "continuing from a mid-chunk KV cache differs by {d}");
+    assert!(
+        d < LOGIT_TOL,
+        "continuing from a mid-chunk KV cache differs by {d}"
+    );
 }
 
 struct GradGrab<'a> {
@@ -410,7 +411,9 @@ fn rewindowing_keeps_each_batch_row_its_own_history() {
     for call in 0..t / (2 * c) {
         let (lo, hi) = (call * 2 * c, (call + 1) * 2 * c);
         let toks = megalodon_core::util::time_slice(&both, 2, t, 1, lo, hi);
-        out2.push(to_f64(&m.forward_stream(&toks, 2, hi - lo, &mut st2).unwrap()));
+        out2.push(to_f64(
+            &m.forward_stream(&toks, 2, hi - lo, &mut st2).unwrap(),
+        ));
     }
     // each row alone (batch 1) must give the same logits as in the batch of two
     let v = m.vocab_size();

@@ -163,7 +163,10 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     a.iter()
         .zip(b)
         .map(|(x, y)| {
-            assert!(x.is_finite() && y.is_finite(), "non-finite value {x} vs {y}");
+            assert!(
+                x.is_finite() && y.is_finite(),
+                "non-finite value {x} vs {y}"
+            );
             (x - y).abs()
         })
         .fold(0.0, f64::max)

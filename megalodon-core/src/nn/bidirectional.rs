@@ -1,8 +1,8 @@
 //! Bidirectional (non-causal) Megalodon layer for classification, shared by the vision and audio
 //! heads.
 //!
-//! The Megalodon repository has no classification code, so this variant is our design (spec
-//! section 15; the paper's exact classifier is unconfirmed):
+//! The Megalodon repository has no classification code, so this variant is our design
+//! (`docs/design.md` §10; the paper's exact classifier is unconfirmed):
 //! - **norm**: [`SequenceNorm`] (the official, unused `sequence_norm` kernel: a group norm over all
 //!   time steps) replaces the causal TimestepNorm;
 //! - **CEMA both ways** (Mega's bidirectional EMA): `cema` runs forward in time and `cema_rev`

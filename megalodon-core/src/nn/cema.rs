@@ -1,4 +1,4 @@
-//! Multi-head complex exponential moving average (CEMA), spec section 4.
+//! Multi-head complex exponential moving average (CEMA), `docs/design.md` §4.
 //! Official: `megalodon/modules/complex_exponential_moving_average.py` (`MultiHeadComplexEMA`).
 //!
 //! Training form, built only from dfdx tensor ops (so it runs on every dfdx device), linear in T:
@@ -14,7 +14,7 @@
 //!    the end state of chunk 0, plus its direct term inside chunk 0.
 //!
 //! Complex numbers are held as separate real and imaginary tensors. Gradient pitfalls handled
-//! here (see `shared/design/cema-prototype.md`): multi-use tensors are shared by id through
+//! here (see `docs/design.md` §4): multi-use tensors are shared by id through
 //! `retaped` copies whose original tapes are merged into `y`; `slice` is only applied to fresh
 //! tensors in non-overlapping pieces (dfdx's CPU slice backward assigns instead of adding).
 
@@ -60,7 +60,7 @@ impl<const M: usize, const N: usize, E: Float, D: Device<E>> Params<E, D>
     }
 }
 
-/// Derived coefficients (spec 4.2), channels flattened to C = M*N (index d*N + k), as
+/// Derived coefficients (`docs/design.md` §4), channels flattened to C = M*N (index d*N + k), as
 /// tape-less tensors whose tape was moved into the caller's sink.
 struct Coefs<const M: usize, E: Dtype, D: Storage<E>> {
     /// (C,) p = sigmoid(alpha)
@@ -89,7 +89,7 @@ fn cmul<S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
 }
 
 impl<const M: usize, const N: usize, E: Float, D: Device<E>> MultiHeadComplexEma<M, N, E, D> {
-    /// Official initialisation (spec 4.1).
+    /// Official initialisation (`docs/design.md` §7).
     pub fn new(dev: &D, rng: &mut impl rand::Rng) -> Self {
         use rand::seq::SliceRandom;
         use rand_distr::{Distribution, Normal};
@@ -138,7 +138,7 @@ impl<const M: usize, const N: usize, E: Float, D: Device<E>> MultiHeadComplexEma
         }
     }
 
-    /// Derived coefficients `(p, q, eta)` of spec 4.2 as plain tensors: p (M, N), q as
+    /// Derived coefficients `(p, q, eta)` of `docs/design.md` §4 as plain tensors: p (M, N), q as
     /// (re, im) (M, N) each, eta as (re, im) (M, N) each.
     pub fn coefficients(
         &self,
@@ -193,8 +193,8 @@ impl<const M: usize, const N: usize, E: Float, D: Device<E>> MultiHeadComplexEma
         }
     }
 
-    /// Causal CEMA (spec 4.3) of `u` (B, T, M), optionally from the carried state `h0`; returns
-    /// `y` (B, T, M) and, when `want_state`, the final state `h_T` (spec 4.5).
+    /// Causal CEMA (`docs/design.md` §4) of `u` (B, T, M), optionally from the carried state `h0`; returns
+    /// `y` (B, T, M) and, when `want_state`, the final state `h_T` (`docs/design.md` §4).
     ///
     /// Tapes: `y` carries the tape of `u`, the parameters, `h0` and every op that `y` needs; the
     /// returned state carries only the ops that produce it from those (merge both into the loss
@@ -450,7 +450,7 @@ fn eta_times<const M: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
 }
 
 /// Default within-chunk length for the first level, chosen from the sequence length
-/// (measured best in `shared/design/cema-prototype.md`).
+/// (measured best when the chunked form was designed).
 fn default_chunk(t: usize) -> usize {
     if t <= 4096 {
         32

@@ -51,7 +51,7 @@ fn block_keys(len: usize, l: usize, ci: usize, chunk: usize) -> usize {
     len.min(l).saturating_sub(start).clamp(1, chunk)
 }
 
-/// Block-diagonal chunked softmax attention (spec 5.1-5.3) continuing a stream whose current
+/// Block-diagonal chunked softmax attention (`docs/design.md` §5) continuing a stream whose current
 /// chunk already holds `cache` (rotated keys and values of `c` earlier positions).
 ///
 /// `q, k: (B, T, H, dz)` before RoPE, `v: (B, T, H, dv)`. Chunks are aligned to multiples of

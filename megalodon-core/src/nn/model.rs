@@ -43,7 +43,7 @@ pub struct Megalodon<
     pub output: Option<Tensor<(usize, Const<M>), E, D>>,
 }
 
-/// Number of parameters of a config (spec section 8), without building the model.
+/// Number of parameters of a config (`docs/design.md` §7), without building the model.
 pub fn param_count(conf: &ModelConf) -> usize {
     let (d, z, e, f, n) = (
         conf.model_dim,

@@ -1,4 +1,4 @@
-//! Normalized feed-forward network (spec section 2, `NormalizedFeedForwardNetwork`):
+//! Normalized feed-forward network (`docs/design.md` §2, `NormalizedFeedForwardNetwork`):
 //! `out = X + fc2(silu(fc1(LN(Y))) [* fc3(LN(Y))])` — the two-hop residual adds the *layer
 //! input* X, not the attention output Y.
 

@@ -6,7 +6,7 @@ use crate::device::MegaDevice;
 use crate::util::{c, Float};
 use dfdx::prelude::*;
 
-/// Interleaved rotary embedding restarting at every chunk (spec 5.2).
+/// Interleaved rotary embedding restarting at every chunk (`docs/design.md` §5).
 #[derive(Debug, Clone)]
 pub struct Rope {
     /// `rope.freqs` (dz/2,): `1 / base^(2j/dz)` computed in f64, stored as f32.

@@ -103,7 +103,7 @@ pub struct ModelState<
 }
 
 /// TimestepNorm re-windowing, as in the official evaluation loop (`megalodon/inference.py`,
-/// `utils.truncate_cache`, spec section 10.3): once the stream holds at least `window` chunks,
+/// `utils.truncate_cache`; `docs/design.md` §9): once the stream holds at least `window` chunks,
 /// every time it crosses a multiple of `every` chunks the model is re-run from an empty state on
 /// the last `window - every` chunks of tokens and *only* the TimestepNorm states (every layer and
 /// the final norm) are replaced by that run's; CEMA and KV states are kept. The normalisation

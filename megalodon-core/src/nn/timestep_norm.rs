@@ -1,4 +1,4 @@
-//! TimestepNorm (spec section 3): a causal group norm whose statistics at step t pool every
+//! TimestepNorm (`docs/design.md` §3): a causal group norm whose statistics at step t pool every
 //! element of the group over all steps seen so far (including a carried prefix), and its
 //! non-causal twin [`SequenceNorm`] for the bidirectional classifier block.
 //! Official: `megalodon/modules/timestep_norm.py`, kernels `csrc/ops/timestep_norm*`.
@@ -8,14 +8,13 @@
 //! `M_t = (n0 m0 + sum_{s<=t} mu_s) / n_t`, `V_t = (n0 (v0 + m0^2) + sum_{s<=t} (s2_s + mu_s^2)) / n_t - M_t^2`,
 //! with the cumulative sums done by the linear-cost [`cumsum_time`](super::scan::cumsum_time).
 
+pub use super::layers::Seq;
 use super::scan::cumsum_time;
 use crate::params::{join, ParamVisitor, Params};
 use crate::util::{c, Float};
 use anyhow::{ensure, Result};
 use dfdx::prelude::*;
 
-/// A `(B, T, M)` sequence tensor.
-pub type Seq<const M: usize, E, D, T = NoneTape> = Tensor<(usize, usize, Const<M>), E, D, T>;
 /// Per-row group statistics `(B, G)`.
 pub type GroupStat<const G: usize, E, D, T = NoneTape> = Tensor<(usize, Const<G>), E, D, T>;
 

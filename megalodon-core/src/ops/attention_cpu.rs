@@ -27,7 +27,7 @@ const TILE: usize = 128;
 
 /// Sizes of one call.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+struct BlockDims {
     bn: usize,
     h: usize,
     lq: usize,
@@ -71,7 +71,7 @@ where
         k.shape(),
         v.shape()
     );
-    let dims = Dims {
+    let dims = BlockDims {
         bn,
         h: H,
         lq,
@@ -235,8 +235,14 @@ where
 }
 
 /// Returns `(O (Bn, H, Lq, dv), logsumexp (Bn, H, Lq))`.
-fn forward<E: Float>(d: Dims, q: &[E], k: &[E], v: &[E], mask: &BlockMask) -> (Vec<E>, Vec<E>) {
-    let Dims {
+fn forward<E: Float>(
+    d: BlockDims,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    mask: &BlockMask,
+) -> (Vec<E>, Vec<E>) {
+    let BlockDims {
         bn,
         h,
         lq,
@@ -324,7 +330,7 @@ fn forward<E: Float>(d: Dims, q: &[E], k: &[E], v: &[E], mask: &BlockMask) -> (V
 /// Adds the gradients of one call into `dq (Bn, H, Lq, dz)`, `dk` and `dvv (Bn, H, Lk, dv)`.
 #[allow(clippy::too_many_arguments)]
 fn backward<E: Float>(
-    d: Dims,
+    d: BlockDims,
     q: &[E],
     k: &[E],
     v: &[E],
@@ -335,7 +341,7 @@ fn backward<E: Float>(
     dk: &mut [E],
     dvv: &mut [E],
 ) {
-    let Dims {
+    let BlockDims {
         bn,
         h,
         lq,

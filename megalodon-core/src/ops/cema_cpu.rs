@@ -1,4 +1,4 @@
-//! CEMA scan for `Cpu`: a custom dfdx op with a hand-written backward (spec section 4).
+//! CEMA scan for `Cpu`: a custom dfdx op with a hand-written backward (`docs/design.md` §4).
 //!
 //! Same contract as [`MultiHeadComplexEma::try_forward`] / [`MultiHeadComplexEma::try_forward_anticausal`]
 //! (the composed reference), computed by the plain recurrence
@@ -152,7 +152,7 @@ impl<E: Float> Coefs<E> {
 /// of its blocks, which it scans segment by segment (all blocks of a segment read the same rows
 /// of `u`, which stay in cache).
 #[derive(Clone, Copy)]
-struct Dims {
+struct ScanDims {
     b: usize,
     t: usize,
     m: usize,
@@ -161,7 +161,7 @@ struct Dims {
     rev: bool,
 }
 
-impl Dims {
+impl ScanDims {
     fn tasks(&self) -> usize {
         self.b * self.groups
     }
@@ -345,7 +345,7 @@ struct FwdTask<E, const N: usize> {
 #[inline(always)]
 fn fwd_task<E: Float, const N: usize>(
     co: &Coefs<E>,
-    dm: &Dims,
+    dm: &ScanDims,
     task: usize,
     u: &[E],
     h0: Option<(&[E], &[E])>,
@@ -432,7 +432,7 @@ type BwdBlock<E, const N: usize> = (Local<E, N>, Tile<E, N>, Tile<E, N>, BwdTask
 #[inline(always)]
 fn bwd_task<E: Float, const N: usize>(
     co: &Coefs<E>,
-    dm: &Dims,
+    dm: &ScanDims,
     task: usize,
     u: &[E],
     gy: &[E],
@@ -578,7 +578,7 @@ fn use_avx2() -> bool {
 #[allow(clippy::too_many_arguments)]
 unsafe fn fwd_task_avx2<E: Float, const N: usize>(
     co: &Coefs<E>,
-    dm: &Dims,
+    dm: &ScanDims,
     task: usize,
     u: &[E],
     h0: Option<(&[E], &[E])>,
@@ -594,7 +594,7 @@ unsafe fn fwd_task_avx2<E: Float, const N: usize>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn bwd_task_avx2<E: Float, const N: usize>(
     co: &Coefs<E>,
-    dm: &Dims,
+    dm: &ScanDims,
     task: usize,
     u: &[E],
     gy: &[E],
@@ -609,7 +609,7 @@ unsafe fn bwd_task_avx2<E: Float, const N: usize>(
 #[allow(clippy::too_many_arguments)]
 fn fwd_dispatch<E: Float, const N: usize>(
     co: &Coefs<E>,
-    dm: &Dims,
+    dm: &ScanDims,
     task: usize,
     u: &[E],
     h0: Option<(&[E], &[E])>,
@@ -628,7 +628,7 @@ fn fwd_dispatch<E: Float, const N: usize>(
 #[allow(clippy::too_many_arguments)]
 fn bwd_dispatch<E: Float, const N: usize>(
     co: &Coefs<E>,
-    dm: &Dims,
+    dm: &ScanDims,
     task: usize,
     u: &[E],
     gy: &[E],
@@ -673,7 +673,7 @@ where
     }
     let dev = u.device().clone();
     let parallel = b * t * M * N >= PAR_MIN_WORK;
-    let dm = Dims {
+    let dm = ScanDims {
         b,
         t,
         m: M,
