@@ -10,4 +10,5 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 cargo run --release --example parity -- megalodon-core/tests/fixtures/megalodon-golden-tiny.json
 cargo run --release --example parity -- megalodon-core/tests/fixtures/model_swiglu.json
-cargo run --release --example train_copy -- --out runs/copy "$@"
+# --resume: a second run continues (or just reloads) the first instead of refusing its directory
+cargo run --release --example train_copy -- --out runs/copy --resume "$@"

@@ -45,7 +45,7 @@ fn run(args: &Args) -> Result<(f64, f64)> {
         tok.shape
     );
     let (b, t) = (tok.shape[0], tok.shape[1]);
-    let tokens: Vec<usize> = tok.data.iter().map(|&x| x as usize).collect();
+    let tokens = tok.to_ids(&format!("{}: `tokens`", g.path))?;
     let v = conf.vocab_size;
 
     let full = to_f64(&model.forward(&tokens, b, t)?);
@@ -53,7 +53,10 @@ fn run(args: &Args) -> Result<(f64, f64)> {
     let d_full = max_abs_diff(&full, &want_full.data);
 
     let split = g.usizes(&["incremental_split"])?;
-    let total: usize = split.iter().sum();
+    let total = split
+        .iter()
+        .try_fold(0usize, |a, &n| a.checked_add(n))
+        .with_context(|| format!("{}: incremental_split {split:?} overflows", g.path))?;
     ensure!(
         total <= t && !split.contains(&0),
         "{}: incremental_split {:?} must be positive and sum to at most T = {t}",

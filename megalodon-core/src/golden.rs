@@ -158,6 +158,22 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 }
 
 impl GTensor {
+    /// The values as token ids: each must be a non-negative integer (an error names `what`, the
+    /// index and the value; nothing is rounded or wrapped).
+    pub fn to_ids(&self, what: &str) -> Result<Vec<usize>> {
+        self.data
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                if x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x < 9.0e15 {
+                    Ok(x as usize)
+                } else {
+                    anyhow::bail!("{what}[{i}] = {x} is not a token id (a non-negative integer)")
+                }
+            })
+            .collect()
+    }
+
     /// Uploads the values to a device tensor of the given shape (element counts must agree).
     pub fn to_dev<
         S: dfdx::shapes::Shape,

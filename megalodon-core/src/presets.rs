@@ -1,6 +1,6 @@
 //! Model presets as types (widths fixed at compile time) with their default configs.
 //!
-//! | preset | layers | D | H | Z | E | F | N | G | note |
+//! | preset | layers | M | H | Z | V | F | N | G | note |
 //! |---|---|---|---|---|---|---|---|---|---|
 //! | [`Tiny`] | 2 | 32 | 2 | 16 | 32 | 48 | 4 | 4 | golden-vector dims, C 8 |
 //! | [`Small`] | 4 | 256 | 1 | 64 | 512 | 688 | 16 | 32 | CPU-trainable LM, benchmark |
@@ -11,9 +11,9 @@
 use crate::config::ModelConf;
 use crate::nn::model::Megalodon;
 
-/// Golden-vector dims: 2 layers, D 32, H 2, Z 16, E 32, F 48, N 4, G 4 (chunk 8).
+/// Golden-vector dims: 2 layers, M 32, H 2, Z 16, V 32, F 48, N 4, G 4 (chunk 8).
 pub type Tiny<E, D> = Megalodon<2, 32, 16, 32, 2, 48, 4, 4, E, D>;
-/// 4 layers, D 256, H 1, Z 64, E 512, F 688, N 16, G 32.
+/// 4 layers, M 256, H 1, Z 64, V 512, F 688, N 16, G 32.
 pub type Small<E, D> = Megalodon<4, 256, 64, 512, 1, 688, 16, 32, E, D>;
 /// Official `mega200M` shape.
 pub type Mega200M<E, D> = Megalodon<12, 1024, 256, 2048, 1, 2560, 16, 32, E, D>;
