@@ -198,3 +198,29 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+#[test]
+fn copy_task_settings_are_checked() {
+    let ok = CopyTask {
+        seq_len: 8,
+        k: 3,
+        symbols: 4,
+        batch: 2,
+        seed: 0,
+    };
+    ok.validate().unwrap();
+    let e = |t: CopyTask| format!("{:#}", t.batch(1).unwrap_err());
+    assert!(e(CopyTask { symbols: 0, ..ok }).contains("--symbols"));
+    assert!(e(CopyTask { seq_len: 7, ..ok }).contains("--seq-len 7 is too short"));
+    assert!(e(CopyTask {
+        k: usize::MAX,
+        ..ok
+    })
+    .contains("--k"));
+    assert!(e(CopyTask {
+        batch: usize::MAX,
+        seq_len: 1 << 40,
+        ..ok
+    })
+    .contains("overflows"));
+}

@@ -303,3 +303,22 @@ fn a_torn_metrics_row_is_dropped_on_resume() {
         "{text}"
     );
 }
+
+#[test]
+fn sizes_from_users_overflow_into_errors_not_panics() {
+    let m = model(3);
+    let toks = vec![1usize; 8];
+    let mut st = m.new_state(1);
+    let e = format!(
+        "{:#}",
+        m.forward_in_calls(&toks, 1, 8, &[usize::MAX, 2], &mut st)
+            .unwrap_err()
+    );
+    assert!(e.contains("overflow"), "{e}");
+    let e = format!("{:#}", m.forward(&toks, usize::MAX, 2).unwrap_err());
+    assert!(e.contains("overflows"), "{e}");
+    let e = format!("{:#}", m.forward(&toks, 2, 3).unwrap_err());
+    assert!(e.contains("expected B*T = 2*3"), "{e}");
+    let e = format!("{:#}", m.forward(&[VOCAB], 1, 1).unwrap_err());
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}
