@@ -97,18 +97,4 @@ pub fn fd_all<M: Params<f64, Cpu>>(
 }
 
 /// Largest absolute difference; NaN on either side counts as infinitely far.
-pub fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    // NaN anywhere fails: NaN never compares below a tolerance and is mapped to infinity here
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let d = (x - y).abs();
-            if d.is_nan() {
-                f64::INFINITY
-            } else {
-                d
-            }
-        })
-        .fold(0.0, f64::max)
-}
+pub use megalodon::core::golden::max_abs_diff as max_diff;
