@@ -85,3 +85,16 @@ impl MegaDevice<f64> for Cpu {}
 impl MegaDevice<f32> for Cuda {}
 #[cfg(feature = "cuda")]
 impl MegaDevice<f64> for Cuda {}
+
+/// The first CUDA device, or why there is none: asks the driver first (library missing, no
+/// device, driver error), because dfdx's `Cuda::try_build` panics instead of failing when there
+/// is no device.
+#[cfg(feature = "cuda")]
+pub fn cuda_device() -> Result<Cuda> {
+    use cudarc::driver::result;
+    result::init().map_err(|e| anyhow::anyhow!("the CUDA driver did not initialise: {e:?}"))?;
+    let n = result::device::get_count()
+        .map_err(|e| anyhow::anyhow!("counting CUDA devices failed: {e:?}"))?;
+    anyhow::ensure!(n > 0, "no CUDA device is visible");
+    Cuda::try_build(0, 0).map_err(|e| anyhow::anyhow!("building CUDA device 0 failed: {e:?}"))
+}
