@@ -152,7 +152,7 @@ pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, 
     let k_all = pad_time(k_all, 0, lp - l);
     let v_all = pad_time(v_all, 0, lp - l);
     let bn = b * nc;
-    let valid_keys = (lp > l || lengths.is_some()).then(|| {
+    let valid_keys: Option<Vec<usize>> = (lp > l || lengths.is_some()).then(|| {
         (0..bn)
             .map(|i| {
                 let len = lengths.map_or(l, |lens| lens[i / nc]);
