@@ -222,8 +222,25 @@ impl ModelConf {
         use anyhow::Context;
         // serde_json reads 1e400 as infinity and has no NaN: check the raw values first so the
         // message names the field
-        let raw: serde_json::Value =
-            serde_json::from_str(text).context("not valid JSON (NaN and Infinity are not JSON)")?;
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            // name the field on the offending line (e.g. `"norm_eps": 1e400` or `NaN`)
+            let field = text
+                .lines()
+                .nth(e.line().saturating_sub(1))
+                .and_then(|l| {
+                    // the last `"key":` before the error's column
+                    let upto = l.get(..e.column().min(l.len()))?;
+                    let colon = upto.rfind("\":")?;
+                    let start = upto[..colon].rfind('"')? + 1;
+                    Some(upto[start..colon].to_string())
+                })
+                .map(|f| format!(" (field `{f}`)"))
+                .unwrap_or_default();
+            anyhow::anyhow!(
+                "not valid JSON{field}: {e}; numbers must be finite (NaN, Infinity and \
+                 out-of-range values like 1e400 are not allowed)"
+            )
+        })?;
         let obj = raw
             .as_object()
             .ok_or_else(|| anyhow::anyhow!("expected a JSON object of config fields"))?;

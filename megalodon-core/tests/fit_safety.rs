@@ -265,7 +265,16 @@ fn flipped_bytes_and_absurd_configs_are_refused() {
         "{:#}",
         Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap()
     );
-    assert!(e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("field `norm_eps`"),
+        "{e}"
+    );
+    std::fs::write(&cfg, text.replace("\"swiglu\": false", "\"swiglu\": NaN")).unwrap();
+    let e = format!(
+        "{:#}",
+        Tiny::<f32, Cpu>::load_run(&dev, dir.path()).err().unwrap()
+    );
+    assert!(e.contains("field `swiglu`"), "{e}");
 }
 
 #[test]
