@@ -219,7 +219,6 @@ impl ModelConf {
     /// fields default to the official values. Numbers that are not finite, or out of range for
     /// their field, are reported with the field's name.
     pub fn from_json(text: &str) -> anyhow::Result<Self> {
-        use anyhow::Context;
         // serde_json reads 1e400 as infinity and has no NaN: check the raw values first so the
         // message names the field
         let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| {
