@@ -33,16 +33,25 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod baseline;
 pub mod corpus;
+pub mod lm;
+pub mod preset;
+pub mod sampling;
 pub mod stats;
 pub mod tokenizer;
+pub mod train;
 pub mod windows;
 
 pub use corpus::{Corpus, Document, Split};
+pub use lm::{GenToken, Generation, LanguageModel, Score};
 pub use megalodon_core;
 pub use megalodon_core::fit::Batch;
+pub use preset::{Preset, TextCpu, TextModel};
+pub use sampling::{Sampler, Sampling};
 pub use stats::{bits_per_byte, unigram_cross_entropy, unigram_entropy};
 pub use tokenizer::{check_vocab_size, Tokenizer, END_OF_TEXT};
+pub use train::{train, DataInfo, TrainEvent, TrainOptions, TrainReport};
 pub use windows::{TrainWindows, ValWindows};
 
 /// Path of the bundled Shakespeare corpus (`data/shakespeare/` at the repository root), resolved
