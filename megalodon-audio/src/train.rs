@@ -88,7 +88,23 @@ impl StepBatches {
         } else {
             (epoch, index + 1)
         };
-        Ok(b)
+        if b.batch > 0 {
+            return Ok(b);
+        }
+        // every file of this batch is unreadable: take the next batch of the epoch that has
+        // a clip (still a function of the step alone, so resuming stays exact)
+        for k in 1..self.per_epoch {
+            let other = self.loader.batch(epoch, (index + k) % self.per_epoch)?;
+            if other.batch > 0 {
+                return Ok(other);
+            }
+        }
+        bail!(
+            "no readable WAV in {}: all {} file(s) of epoch {epoch} failed to decode (see the \
+             warnings above)",
+            self.loader.folder().root().display(),
+            self.loader.folder().len()
+        )
     }
 
     /// Files skipped so far in the current epoch (since its iterator opened); cleared by
@@ -137,6 +153,9 @@ pub struct TrainOptions {
     pub chunk: Option<usize>,
     /// Decoding threads (0: rayon's global pool).
     pub workers: usize,
+    /// Stop after this many steps although the learning-rate schedule spans all epochs (to
+    /// split a run in parts; the next part resumes with `allow_changed` holding `steps`).
+    pub stop_after: Option<u64>,
 }
 
 impl TrainOptions {
@@ -162,6 +181,7 @@ impl TrainOptions {
             clip_len: None,
             chunk: None,
             workers: 0,
+            stop_after: None,
         }
     }
 
@@ -195,6 +215,7 @@ impl TrainOptions {
         );
         ensure!(self.clip_len != Some(0), "--clip-len must be at least 1");
         ensure!(self.chunk != Some(0), "--chunk must be at least 1");
+        ensure!(self.stop_after != Some(0), "--stop-after must be at least 1");
         ensure!(
             !(self.resume && self.init.is_some()),
             "--resume continues a run with its own weights: it cannot take --init too"
@@ -423,7 +444,7 @@ pub fn train<M: AudioModel<f32, D>, D: MegaDevice<f32>>(
         opts.init
     );
     let fc = FitConf {
-        steps,
+        steps: opts.stop_after.map_or(steps, |s| s.min(steps)),
         ckpt_every: opts.ckpt_every.unwrap_or(per_epoch),
         eval_every: if val_loader.is_some() { per_epoch } else { 0 },
         out: Some(opts.out.clone()),
@@ -459,7 +480,7 @@ pub fn train<M: AudioModel<f32, D>, D: MegaDevice<f32>>(
         steps,
         opts.out.display()
     );
-    hooks.start(steps, opts.batch, &about);
+    hooks.start(fc.steps, opts.batch, &about);
     let start = Instant::now();
     let mut progress = EpochProgress {
         device: std::marker::PhantomData::<D>,
