@@ -2,7 +2,7 @@
 //! augmented training loader, and the per-split counts.
 //!
 //! `cargo run --release -p megalodon-audio --example audio_data_bench -- DATA_DIR [BATCH] [THREADS]`
-//! (make `DATA_DIR` with `scripts/speech-data.sh`).
+//! (make `DATA_DIR` with `scripts/synth_keywords.sh`).
 
 use std::time::Instant;
 

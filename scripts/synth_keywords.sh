@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# speech-data.sh: make a spoken-keyword data set offline, in the Speech Commands layout, for
+# synth_keywords.sh: make a spoken-keyword data set offline, in the Speech Commands layout, for
 # megalodon-audio (crate megalodon-audio, module dataset).
 #
-# Usage: scripts/speech-data.sh [OUT_DIR] [--words w1,w2,...] [--per-word N] [--seed S]
+# Usage: scripts/synth_keywords.sh [OUT_DIR] [--words w1,w2,...] [--per-word N] [--seed S]
 #                               [--jobs J] [--noise-seconds SEC]
 #   OUT_DIR          default data/speech (relative to the current directory)
 #   --words          default: the ten Speech Commands keywords yes,no,up,down,left,right,on,off,stop,go
@@ -188,7 +188,7 @@ sox -q -n -r 16000 -c 1 -b 16 "$NOISE/running_tap.wav" synth "$S" whitenoise \
   bandpass 2500 1.5q tremolo 3 40 gain -6
 
 cat > "$OUT/SOURCE.txt" <<EOF
-Synthesised by scripts/speech-data.sh (seed $SEED, $PER_WORD clips per word) with espeak-ng,
+Synthesised by scripts/synth_keywords.sh (seed $SEED, $PER_WORD clips per word) with espeak-ng,
 flite and sox from Debian; see the header of that script for the licences. Not natural speech.
 EOF
 
