@@ -33,15 +33,25 @@
 //! # Ok(()) }
 //! ```
 
+pub use image;
 pub use megalodon_core;
 
+pub mod eval;
 pub mod image_folder;
 pub mod loader;
+pub mod model;
 pub mod patches;
 pub mod rng;
+pub mod train;
 pub mod transforms;
 
+pub use eval::{evaluate, EvalReport};
 pub use image_folder::{load_rgb, DatasetSplits, ImageFolder, Sample, IMAGE_EXTENSIONS};
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig};
+pub use model::{
+    load_conf, param_count, FashionSmall, ImageClassifier, ImageNetMegalodon, VisionConf,
+    VisionModel, VisionPreset, FASHION_SMALL, IMAGENET,
+};
 pub use patches::{num_patches, patch_dim, patchify, patchify_const, patchify_into, unpatchify};
+pub use train::{train_transform, AugmentLevel, StepBatches};
 pub use transforms::{Augment, ColorMode, Layout, Normalize, Transform};
