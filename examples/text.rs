@@ -78,7 +78,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 2048)]
     vocab_size: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 400)]
     steps: u64,
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 256)]
@@ -176,13 +176,13 @@ struct CompareArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Optimizer steps of each model.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 200)]
     steps: u64,
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
     /// Sequences per batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Peak learning rate (both models).
     #[arg(long, default_value_t = 3e-3)]
@@ -420,11 +420,19 @@ fn run_compare(a: &CompareArgs) -> Result<()> {
         eval_every: a.eval_every,
     };
     let r = compare::<TextCpu<f32, Cpu>>(&o, |line| println!("{line}"))?;
-    println!("| model | parameters | final validation loss | wall time (s) |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "unigram validation loss {:.4}; {} steps of {} x {} tokens each",
+        r.unigram_val_loss, a.steps, a.batch, a.seq_len
+    );
+    println!("| model | parameters | final validation loss | wall time (s) | CPU time (s) |");
+    println!("|---|---:|---:|---:|---:|");
     for m in &r.models {
+        let cpu = m
+            .cpu_seconds
+            .map(|c| format!("{c:.1}"))
+            .unwrap_or("-".into());
         println!(
-            "| {} | {} | {:.4} | {:.1} |",
+            "| {} | {} | {:.4} | {:.1} | {cpu} |",
             m.name, m.params, m.val_loss, m.seconds
         );
     }

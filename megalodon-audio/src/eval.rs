@@ -32,7 +32,9 @@ impl EvalReport {
 
     /// Clips predicted correctly.
     pub fn correct(&self) -> u64 {
-        (0..self.confusion.len()).map(|i| self.confusion[i][i]).sum()
+        (0..self.confusion.len())
+            .map(|i| self.confusion[i][i])
+            .sum()
     }
 
     /// Accuracy in `[0, 1]` (0 for no clip).
@@ -73,7 +75,12 @@ impl EvalReport {
         let mut s = String::new();
         let width = self.labels.iter().map(|c| c.len()).max().unwrap_or(0);
         let _ = writeln!(s, "per-label accuracy:");
-        for ((name, acc), row) in self.labels.iter().zip(self.per_label()).zip(&self.confusion) {
+        for ((name, acc), row) in self
+            .labels
+            .iter()
+            .zip(self.per_label())
+            .zip(&self.confusion)
+        {
             let n: u64 = row.iter().sum();
             match acc {
                 Some(a) => {

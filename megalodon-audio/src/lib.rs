@@ -54,11 +54,11 @@ pub use clip::{frame, Crop, Framed, Normalize, DEFAULT_CLIP_LEN};
 pub use dataset::{AudioFolder, AudioSplits, Layout, Sample};
 pub use eval::{evaluate, EvalReport};
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig};
+pub use megalodon_core;
 pub use model::{
     load_conf, param_count, AudioConf, AudioModel, AudioPreset, SpeechClassifier, SpeechCommands,
     SpeechCpu, SPEECH_COMMANDS, SPEECH_CPU,
 };
-pub use train::{train, StepBatches, TrainHooks, TrainOptions, TrainSummary};
-pub use megalodon_core;
 pub use rng::SplitMix64;
+pub use train::{train, StepBatches, TrainHooks, TrainOptions, TrainSummary};
 pub use wav::{read_wav, ReadOptions, TARGET_RATE};

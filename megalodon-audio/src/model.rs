@@ -21,7 +21,7 @@
 //! | preset | type | FL | tokens / 1 s | layers | M | Z | V | F | N | G | chunk | for |
 //! |---|---|---|---|---|---|---|---|---|---|---|---|---|
 //! | `speech-commands` | [`SpeechCommands`] | 1 | 16,000 | 6 | 60 | 30 | 120 | 120 | 16 | 4 | 1000 | GPUs (≈300K params) |
-//! | `speech-cpu` | [`SpeechCpu`] | 16 | 1,000 | 4 | 48 | 24 | 96 | 96 | 8 | 4 | 250 | 2 CPU cores |
+//! | `speech-cpu` | [`SpeechCpu`] | 32 | 500 | 4 | 32 | 16 | 64 | 64 | 8 | 4 | 125 | 2 CPU cores |
 
 use std::path::{Path, PathBuf};
 
@@ -141,22 +141,22 @@ pub const SPEECH_COMMANDS: AudioPreset = AudioPreset {
     chunk: 1000,
 };
 
-/// The CPU preset: 16 raw samples per token (1000 tokens per 1 s clip), 4 layers of width 48,
-/// attention in chunks of 250 tokens.
+/// The CPU preset: 32 raw samples (2 ms) per token, 500 tokens per 1 s clip, 4 layers of
+/// width 32, attention in chunks of 125 tokens.
 pub const SPEECH_CPU: AudioPreset = AudioPreset {
     name: "speech-cpu",
-    frame_len: 16,
+    frame_len: 32,
     clip_len: 16_000,
-    chunk: 250,
+    chunk: 125,
 };
 
 /// The SC-Raw preset's type (see [`SPEECH_COMMANDS`]): 6 layers, M 60, Z 30, V 120, H 1,
 /// F 120, N 16, G 4; ≈300K parameters ([`param_count`]).
 pub type SpeechCommands<E, D> = SpeechClassifier<1, 6, 60, 30, 120, 1, 120, 16, 4, E, D>;
 
-/// The CPU preset's type (see [`SPEECH_CPU`]): 16 samples per token, 4 layers, M 48, Z 24,
-/// V 96, H 1, F 96, N 8, G 4.
-pub type SpeechCpu<E, D> = SpeechClassifier<16, 4, 48, 24, 96, 1, 96, 8, 4, E, D>;
+/// The CPU preset's type (see [`SPEECH_CPU`]): 32 samples per token, 4 layers, M 32, Z 16,
+/// V 64, H 1, F 64, N 8, G 4.
+pub type SpeechCpu<E, D> = SpeechClassifier<32, 4, 32, 16, 64, 1, 64, 8, 4, E, D>;
 
 /// Number of parameters of an audio model with config `conf` and `classes` labels, from the
 /// config alone (nothing is allocated). The encoder layer is the causal layer
@@ -336,7 +336,10 @@ impl<
         lengths: &[usize],
     ) -> Result<ClassLogits<E, D, T>> {
         let (b, t, _) = *x.shape();
-        ensure!(b > 0 && t > 0, "empty audio batch ({b} clips of {t} tokens)");
+        ensure!(
+            b > 0 && t > 0,
+            "empty audio batch ({b} clips of {t} tokens)"
+        );
         ensure!(
             lengths.len() == b,
             "{} lengths for {b} clips",
@@ -454,7 +457,10 @@ impl<
             samples.len()
         );
         if let Some(i) = samples.iter().position(|v| !v.is_finite()) {
-            bail!("waveform sample {i} is {} (not a finite number)", samples[i]);
+            bail!(
+                "waveform sample {i} is {} (not a finite number)",
+                samples[i]
+            );
         }
         let raw = resample(samples, sample_rate, self.conf.sample_rate)?;
         let (clip, length) = make_clip(&raw, &self.conf.eval_clip(), None, &mut SplitMix64::new(0));
@@ -474,8 +480,12 @@ impl<
         Ok(probs
             .chunks(self.labels().len())
             .map(|row| {
-                let mut ranked: Vec<(String, f32)> =
-                    self.labels().iter().cloned().zip(row.iter().copied()).collect();
+                let mut ranked: Vec<(String, f32)> = self
+                    .labels()
+                    .iter()
+                    .cloned()
+                    .zip(row.iter().copied())
+                    .collect();
                 ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
                 ranked
             })
@@ -641,8 +651,7 @@ pub trait AudioModel<E: Float, D: MegaDevice<E>>:
     /// [`SpeechClassifier::reset_head`].
     fn reset_head(&mut self, labels: Vec<String>, seed: u64) -> Result<()>;
     /// [`SpeechClassifier::logits_host`].
-    fn logits_host(&self, samples: &[f32], lengths: &[usize], clip_len: usize)
-        -> Result<Vec<f32>>;
+    fn logits_host(&self, samples: &[f32], lengths: &[usize], clip_len: usize) -> Result<Vec<f32>>;
     /// [`SpeechClassifier::classify`].
     fn classify(&self, samples: &[f32], sample_rate: u32) -> Result<Vec<(String, f32)>>;
 }
@@ -679,12 +688,7 @@ impl<
     fn reset_head(&mut self, labels: Vec<String>, seed: u64) -> Result<()> {
         Self::reset_head(self, labels, seed)
     }
-    fn logits_host(
-        &self,
-        samples: &[f32],
-        lengths: &[usize],
-        clip_len: usize,
-    ) -> Result<Vec<f32>> {
+    fn logits_host(&self, samples: &[f32], lengths: &[usize], clip_len: usize) -> Result<Vec<f32>> {
         Self::logits_host(self, samples, lengths, clip_len)
     }
     fn classify(&self, samples: &[f32], sample_rate: u32) -> Result<Vec<(String, f32)>> {

@@ -68,7 +68,8 @@ impl StepBatches {
     /// The batch of step `step`.
     pub fn get(&mut self, step: u64) -> Result<Batch> {
         let (epoch, index) = self.position(step)?;
-        if self.iter.is_none() || self.next != (epoch, index) {
+        // a new epoch, a jump, or nothing open yet: open an iterator at this batch
+        if self.iter.is_none() || self.next != (epoch, index) || index == 0 {
             self.iter = Some(self.loader.epoch_from(epoch, index)?);
             self.epoch_skipped.clear();
         }
@@ -159,13 +160,13 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// Defaults for `data` and `out`: 8 epochs, batch 16, lr 3e-3, 5 % warmup, weight decay
+    /// Defaults for `data` and `out`: 3 epochs, batch 16, lr 3e-3, 5 % warmup, weight decay
     /// 0.01, seed 0, validation split 0.1, augmentation on.
     pub fn new(data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
             data: data.into(),
             out: out.into(),
-            epochs: 8,
+            epochs: 3,
             batch: 16,
             lr: 3e-3,
             warmup: 0.05,
@@ -215,7 +216,10 @@ impl TrainOptions {
         );
         ensure!(self.clip_len != Some(0), "--clip-len must be at least 1");
         ensure!(self.chunk != Some(0), "--chunk must be at least 1");
-        ensure!(self.stop_after != Some(0), "--stop-after must be at least 1");
+        ensure!(
+            self.stop_after != Some(0),
+            "--stop-after must be at least 1"
+        );
         ensure!(
             !(self.resume && self.init.is_some()),
             "--resume continues a run with its own weights: it cannot take --init too"

@@ -14,7 +14,7 @@ use anyhow::{ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::HasBuffers;
 use megalodon_core::fit::{fit_with, FitConf, Progress, StepLog, Trainable};
-use megalodon_core::nn::model::cross_entropy;
+use megalodon_core::nn::model::{cross_entropy, Logits};
 use megalodon_core::optim::{OptimConf, Schedule};
 use megalodon_core::params::{join, ParamVisitor, Params};
 use std::path::PathBuf;
@@ -80,7 +80,7 @@ impl<const D: usize, const F: usize> Transformer<D, F> {
         &self,
         batch: &Batch,
         grads: Gradients<f32, Cpu>,
-    ) -> Result<Tensor<(usize, usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>> {
+    ) -> Result<Logits<f32, Cpu, OwnedTape<f32, Cpu>>> {
         let (b, t) = (batch.batch, batch.seq_len);
         let vocab = self.embed.shape().0;
         ensure!(
@@ -212,6 +212,21 @@ pub struct CompareModel {
     pub val_curve: Vec<(f64, f64)>,
     /// Training wall time (seconds).
     pub seconds: f64,
+    /// CPU time of the process during training (seconds, all threads; `None` off Linux), a
+    /// figure less sensitive than wall time to other load on the machine.
+    pub cpu_seconds: Option<f64>,
+}
+
+/// User + system CPU time of this process (all threads) from `/proc/self/stat`, assuming the
+/// usual 100 clock ticks per second; `None` where that file is missing or unreadable.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // fields after the parenthesised command name: state is field 3, utime 14, stime 15
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// The result of [`compare`].
@@ -311,7 +326,7 @@ pub fn compare<P: TextModel>(
             curve: Vec::new(),
             loss_sum: |m: &P, b: &Batch| m.loss_sum(b),
         };
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), process_cpu_seconds());
         let logs = fit_with(
             &mut m,
             optim.clone(),
@@ -320,6 +335,7 @@ pub fn compare<P: TextModel>(
             &mut ev,
         )?;
         let seconds = t0.elapsed().as_secs_f64();
+        let cpu_seconds = process_cpu_seconds().zip(c0).map(|(a, b)| a - b);
         let val_loss = last_val(&logs)?;
         log(format!(
             "Megalodon: validation loss {val_loss:.4} after {seconds:.1}s"
@@ -330,6 +346,7 @@ pub fn compare<P: TextModel>(
             val_loss,
             val_curve: ev.curve,
             seconds,
+            cpu_seconds,
         });
     }
     // Transformer
@@ -342,9 +359,10 @@ pub fn compare<P: TextModel>(
             curve: Vec::new(),
             loss_sum: |m: &CompareTransformer, b: &Batch| m.loss_sum(b),
         };
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), process_cpu_seconds());
         let logs = fit_with(&mut m, optim, &fc, |s| Ok(windows.batch(s)), &mut ev)?;
         let seconds = t0.elapsed().as_secs_f64();
+        let cpu_seconds = process_cpu_seconds().zip(c0).map(|(a, b)| a - b);
         let val_loss = last_val(&logs)?;
         log(format!(
             "Transformer: validation loss {val_loss:.4} after {seconds:.1}s"
@@ -355,6 +373,7 @@ pub fn compare<P: TextModel>(
             val_loss,
             val_curve: ev.curve,
             seconds,
+            cpu_seconds,
         });
     }
     Ok(CompareReport {
