@@ -197,7 +197,7 @@ impl TrainHooks for BarHooks {
     fn on_step(&mut self, log: &StepLog) {
         match &mut self.0 {
             Some(b) => b.step(log),
-            None if log.step % 25 == 0 || log.step == self.1 => println!(
+            None if log.step.is_multiple_of(25) || log.step == self.1 => println!(
                 "step {}/{}: loss {:.4}, lr {:.2e}",
                 log.step, self.1, log.loss, log.lr
             ),

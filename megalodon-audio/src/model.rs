@@ -203,6 +203,9 @@ pub fn param_count(conf: &AudioConf, classes: usize) -> Result<usize> {
         .ok_or_else(ovf)
 }
 
+/// Framed clips `(B, T, FL)`: the embedding's input.
+pub type Frames<const FL: usize, E, D, T = NoneTape> = Tensor<(usize, usize, Const<FL>), E, D, T>;
+
 /// A raw-waveform classifier (see the module docs). Generics: `FL` raw samples per token, then
 /// the encoder's `L, M, Z, V, H, F, N, G`, dtype and device.
 pub struct SpeechClassifier<
@@ -359,7 +362,7 @@ impl<
         samples: &[f32],
         lengths: &[usize],
         clip_len: usize,
-    ) -> Result<(Tensor<(usize, usize, Const<FL>), E, D>, Vec<usize>)> {
+    ) -> Result<(Frames<FL, E, D>, Vec<usize>)> {
         ensure!(
             clip_len > 0 && samples.len().is_multiple_of(clip_len),
             "{} samples do not form clips of {clip_len}",

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 
 use common::write_mono16;
-use dfdx::prelude::{AsArray, Cpu, Shape, Tensor};
+use dfdx::prelude::{Cpu, Shape, Tensor};
 use megalodon_audio::megalodon_core::checkpoint::save_run;
 use megalodon_audio::megalodon_core::params::{ParamVisitor, Params};
 use megalodon_audio::train::{eval_split, TrainHooks};
@@ -33,7 +33,7 @@ impl TrainHooks for Quiet {}
 fn signal(k: usize, rng: &mut SplitMix64) -> Vec<f32> {
     let n = (CLIP as f64 * rng.range_f64(0.6, 1.0)) as usize;
     let amp = rng.range_f64(0.2, 0.8);
-    let phase = rng.range_f64(0.0, 6.28);
+    let phase = rng.range_f64(0.0, std::f64::consts::TAU);
     let (f0, f1) = match k {
         0 => (300.0, 300.0),
         1 => (2000.0, 2000.0),
