@@ -111,7 +111,8 @@ impl<const D: usize, const F: usize> Transformer<D, F> {
             let v = l.v.forward(h);
             let s = q.matmul(k.permute::<_, Axes3<0, 2, 1>>());
             let p = (s + mask.clone()).softmax::<Axis<2>>();
-            x = x.with_empty_tape() + l.o.forward(p.matmul(v));
+            // `x` keeps the tape of everything before; the branch's tape merges back here
+            x = x + l.o.forward(p.matmul(v));
             let h: Act<D> = l.ln2.forward(x.with_empty_tape());
             x = x + l.ff2.forward(l.ff1.forward(h).fast_gelu());
         }
