@@ -1,8 +1,8 @@
 //! Training and validation batches cut from a token stream.
 //!
 //! [`TrainWindows`] draws `batch` random windows of `seq_len + 1` tokens per step. The draw is a
-//! pure function of `(seed, step)` (a SplitMix64 generator defined here, so the batches do not
-//! change with the version of any random-number crate), which is what a resumable training loop
+//! pure function of `(seed, step)` (the core's SplitMix64, `megalodon_core::data`, so the batches
+//! do not change with the version of any random-number crate), which is what a resumable training loop
 //! needs: a resumed run sees exactly the batches of the uninterrupted one
 //! (see `megalodon_core::fit`).
 //!
@@ -23,6 +23,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+use megalodon_core::data::SplitMix64;
 use anyhow::{ensure, Context, Result};
 use megalodon_core::fit::Batch;
 
@@ -42,40 +43,6 @@ fn check_sizes(stream_len: usize, batch: usize, seq_len: usize) -> Result<(usize
          + 1 = {window}; use a smaller --seq-len or more text"
     );
     Ok((cells, window))
-}
-
-/// SplitMix64 finalizer: a bijective 64-bit mix.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A small deterministic generator (SplitMix64).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64, step: u64) -> Self {
-        SplitMix64(mix64(
-            seed ^ mix64(step.wrapping_add(0x9E37_79B9_7F4A_7C15)),
-        ))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.0)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), without modulo bias (Lemire's multiply-and-reject).
-    fn below(&mut self, n: u64) -> u64 {
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let m = u128::from(self.next_u64()) * u128::from(n);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
-    }
 }
 
 /// Random training windows over one token stream, a pure function of `(seed, step)`.
@@ -105,7 +72,7 @@ impl TrainWindows {
     pub fn starts(&self, step: u64) -> Vec<usize> {
         // `new` guarantees len >= seq_len + 1, so this count is >= 1.
         let n_starts = (self.tokens.len() - self.seq_len) as u64;
-        let mut rng = SplitMix64::new(self.seed, step);
+        let mut rng = SplitMix64::from_keys(&[self.seed, step]);
         (0..self.batch)
             .map(|_| rng.below(n_starts) as usize)
             .collect()
