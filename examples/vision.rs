@@ -209,7 +209,7 @@ impl<M: VisionModel<f32, Cpu>> Progress<M> for EpochProgress {
         self.losses.0 += log.loss;
         self.losses.1 += 1;
         self.bar.step(log);
-        if !self.tty && log.step % self.log_every == 0 {
+        if !self.tty && log.step.is_multiple_of(self.log_every) {
             println!(
                 "step {}: loss {:.4} (epoch mean {:.4}), lr {:.2e}, {:.0}s",
                 log.step,
@@ -245,6 +245,8 @@ impl<M: VisionModel<f32, Cpu>> Progress<M> for EpochProgress {
         }
         self.say(line);
         self.losses = (0.0, 0);
+        // a resumed run re-evaluates the steps after its checkpoint: drop their old rows
+        self.accuracy_rows.retain(|row| row.0 < step);
         self.accuracy_rows
             .push((step, r.mean_loss(), r.top1(), r.top5()));
         if let Err(e) = self.write_accuracy() {
@@ -414,12 +416,6 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
         &mut progress,
     )?;
     progress.bar.finish();
-    if let Some(first) = logs.first() {
-        // rows past the resumed step are re-logged by this run
-        progress
-            .accuracy_rows
-            .retain(|r| r.0 < first.step || logs.iter().any(|l| l.step == r.0));
-    }
     println!(
         "trained {} steps in {:.1}s; run saved in {}",
         logs.len(),

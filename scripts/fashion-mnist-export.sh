@@ -10,7 +10,7 @@
 # Installs the Debian package when its files are missing (needs root and apt-get). Needs python3
 # (standard library only, see scripts/fashion-mnist-export.py). The tree is written to OUT_DIR.tmp
 # and renamed when complete, so a finished OUT_DIR is never half-written; an existing complete
-# export is kept. The output is not committed: a `.gitignore` holding `*` is written in `data/`.
+# export is kept. The output is not committed: a `.gitignore` holding `*` is written inside it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,15 +42,16 @@ fi
 
 command -v python3 >/dev/null || { echo "error: python3 not found" >&2; exit 1; }
 
+# Keep the export out of git wherever it lands: a `.gitignore` holding `*` inside the export
+# itself (a `data/.gitignore` written by another export script need not cover it).
+ignore_self() {
+  [ -f "$1/.gitignore" ] || printf '# exported by scripts/fashion-mnist-export.sh, not committed\n*\n' > "$1/.gitignore"
+}
+
 if [ -f "$OUT/.complete" ]; then
+  ignore_self "$OUT"
   echo "$OUT already exported ($(cat "$OUT/.complete")); remove it to export again"
   exit 0
-fi
-
-# Keep the export out of git when it lands in the repository's data/ folder.
-if [ "$OUT" = "$ROOT/data/fashion-mnist" ]; then
-  mkdir -p "$ROOT/data"
-  [ -f "$ROOT/data/.gitignore" ] || printf '# exported data sets, not committed (scripts/fashion-mnist-export.sh)\n*\n' > "$ROOT/data/.gitignore"
 fi
 
 TMP="$OUT.tmp"
@@ -65,6 +66,7 @@ if [ "$train" -ne 60000 ] || [ "$val" -ne 10000 ]; then
   exit 1
 fi
 echo "train=$train val=$val" > "$TMP/.complete"
+ignore_self "$TMP"
 rm -rf "$OUT"
 mv "$TMP" "$OUT"
 echo "exported $train train + $val val PNGs to $OUT in $(( $(date +%s) - start ))s ($(du -sh "$OUT" | cut -f1))"

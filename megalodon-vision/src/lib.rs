@@ -1,8 +1,12 @@
 //! # megalodon-vision
 //!
-//! Image classification with Megalodon: image loading and patching, a patch embedding and a
-//! classifier head over the bidirectional block
-//! ([`megalodon_core::nn::bidirectional::BidirectionalBlock`]).
+//! Image classification with Megalodon: [`model::ImageClassifier`] puts a patch embedding and an
+//! optional learned position embedding in front of the core's
+//! [`megalodon_core::BidirectionalEncoder`], and masked mean pooling plus the shared
+//! [`megalodon_core::nn::classifier::ClassHead`] behind it; it trains with the core's
+//! [`megalodon_core::fit`] loop ([`train::StepBatches`] maps steps to batches) and is evaluated
+//! by [`eval::evaluate`]. Presets: [`FashionSmall`] (CPU) and [`ImageNetMegalodon`]. The command
+//! line is `examples/vision.rs` in the repository root.
 //!
 //! The data layer (no model needed):
 //! * [`image_folder`]: an ImageFolder reader (one sub-folder per class, `train/` + `val/` or a

@@ -369,9 +369,12 @@ impl<
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let patch_embed = Linear::new(dev, &mut rng, true);
         let table = num_patches(conf.max_image_size, conf.patch)?;
+        let pos_len = table
+            .checked_mul(M)
+            .with_context(|| format!("position table of {table} x {M} overflows"))?;
         let pos_embed = conf.pos_embed.then(|| {
             dev.tensor_from_vec(
-                normal_vec::<E>(&mut rng, table * M, 0.02, Some(0.04)),
+                normal_vec::<E>(&mut rng, pos_len, 0.02, Some(0.04)),
                 (table, Const::<M>),
             )
         });

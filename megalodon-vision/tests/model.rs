@@ -61,13 +61,13 @@ fn synthetic(label: usize, rng: &mut SplitMix64) -> GrayImage {
     let radius = 6.0 + (rng.next_u64() % 6) as f32;
     GrayImage::from_fn(28, 28, |x, y| {
         let on = match label {
-            0 => ((y + phase) / period) % 2 == 0,
-            1 => ((x + phase) / period) % 2 == 0,
+            0 => ((y + phase) / period).is_multiple_of(2),
+            1 => ((x + phase) / period).is_multiple_of(2),
             2 => {
                 let (dx, dy) = (x as f32 - 13.5, y as f32 - 13.5);
                 dx * dx + dy * dy < radius * radius
             }
-            _ => ((x / period) + (y / period)) % 2 == 0,
+            _ => ((x / period) + (y / period)).is_multiple_of(2),
         };
         let base: i32 = if label == 3 {
             if on {
