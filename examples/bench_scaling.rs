@@ -143,7 +143,7 @@ impl Transformer {
             let s = q.matmul(k.permute::<_, Axes2<1, 0>>()); // (T, T)
             let p = (s + mask.clone()).softmax::<Axis<1>>();
             let a = p.matmul(v); // (T, DM)
-            // `x` keeps the tape of everything before; the branch merges back here
+                                 // `x` keeps the tape of everything before; the branch merges back here
             x = x + l.o.forward(a);
             let h = l.ln2.forward(x.with_empty_tape());
             x = x + l.ff2.forward(l.ff1.forward(h).fast_gelu());

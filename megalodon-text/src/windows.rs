@@ -23,8 +23,8 @@
 //! # anyhow::Ok(())
 //! ```
 
-use megalodon_core::data::SplitMix64;
 use anyhow::{ensure, Context, Result};
+use megalodon_core::data::SplitMix64;
 use megalodon_core::fit::Batch;
 
 /// Validate sizes and return `(batch * seq_len, seq_len + 1)`, with errors naming the flags.
