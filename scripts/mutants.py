@@ -17,6 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.environ.get("MUTANTS_DIR", "/tmp/megalodon-mutants")
 TARGET = os.environ.get("MUTANTS_TARGET", "/tmp/megalodon-mutants-target")
 
+# The numerics suite: every core test, and the root tests of the backbone, encoder and training
+# loop (the modality crates' own tests add nothing on the core's numerics).
+SUITE = [
+    ["cargo", "test", "-p", "megalodon-core", "--tests"],
+    ["cargo", "test", "-p", "megalodon", "--test", "heads", "--test", "training",
+     "--test", "gradients"],
+]
+
 # (id, file, exact original text, replacement, what it breaks[, extra (old, new) edit])
 MUTANTS = [
     (1, "megalodon-core/src/nn/chunked_attention.rs",
@@ -90,9 +98,12 @@ def main():
         print(f"== mutation {mid}: {what}", flush=True)
         log = os.path.join(WORK, f"mutant-{mid}.log")
         with open(log, "w") as out:
-            rc = subprocess.run(["cargo", "test", "-p", "megalodon-core", "-p", "megalodon",
-                                 "--tests"], cwd=WORK, env=env, stdout=out,
-                                stderr=subprocess.STDOUT).returncode
+            rc = 0
+            for cmd in SUITE:
+                rc = subprocess.run(cmd, cwd=WORK, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT).returncode
+                if rc != 0:
+                    break
         body = open(log).read()
         if rc == 0:
             results.append(f"SURVIVED  {mid}  {what}")
