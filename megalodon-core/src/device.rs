@@ -6,10 +6,10 @@
 //! tested against the composed path through the same test body. All model code is generic over
 //! `D: MegaDevice<E>`.
 
-use crate::nn::cema::{CemaState, MultiHeadComplexEma};
-use crate::nn::layers::Seq;
 pub use crate::ops::block_attention::{composed_block_attention, BlockMask, Blocks};
+use crate::ops::cema::{CemaState, MultiHeadComplexEma};
 use crate::util::Float;
+use crate::util::Seq;
 use anyhow::Result;
 use dfdx::prelude::*;
 

@@ -8,8 +8,7 @@ use dfdx::prelude::*;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-/// A `(B, T, K)` tensor with a compile-time feature width.
-pub type Seq<const K: usize, E, D, T = NoneTape> = Tensor<(usize, usize, Const<K>), E, D, T>;
+pub use crate::util::Seq;
 
 /// Samples a host vector from N(0, std^2), truncated at +-`cut` (no truncation when `cut` is None).
 pub fn normal_vec<E: Dtype>(rng: &mut impl Rng, n: usize, std: f64, cut: Option<f64>) -> Vec<E> {

@@ -20,8 +20,8 @@
 //!   must include `y` for any gradient to flow). All gradients are accumulated (`+=`).
 //! * The anti-causal variant runs the same recurrence backward in time, without state.
 
-use crate::nn::cema::{CemaState, MultiHeadComplexEma};
-use crate::nn::layers::Seq;
+use crate::ops::cema::{CemaState, MultiHeadComplexEma};
+use crate::util::Seq;
 use crate::util::{c, Float};
 use anyhow::{ensure, Result};
 use dfdx::prelude::*;
