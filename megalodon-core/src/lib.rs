@@ -22,10 +22,10 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
-//! Layers, bottom-up (each imports only what lies below it): `util`, `config`, `params`, `data`
-//! -> `ops` (the composed references of CEMA and block attention, and the CPU kernels) ->
+//! Layers, bottom-up (each imports only what lies below it): `util`, `config`, `params`, `data`,
+//! `plot` -> `ops` (the composed references of CEMA and block attention, and the CPU kernels) ->
 //! `device` (the per-device dispatch) -> `nn` (the modules, the backbone, the LM, the encoder) ->
-//! `optim` -> `checkpoint` -> `plot`, `fit` (the training loop). The design and its math are in
+//! `optim` -> `checkpoint` -> `fit` (the training loop). The design and its math are in
 //! `docs/design.md`.
 
 pub mod checkpoint;

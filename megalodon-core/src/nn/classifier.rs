@@ -99,3 +99,176 @@ impl<const M: usize, E: Float, D: Device<E>> Params<E, D> for ClassHead<M, E, D>
         v.visit(&join(prefix, "bias"), &mut self.bias)
     }
 }
+
+/// Index of the largest value (the first on ties; NaN never wins).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(0, |a, (j, &x)| if x > row[a] { j } else { a })
+}
+
+/// Evaluation counts of a classifier, shared by every classification head: the confusion matrix
+/// (`confusion[true][predicted]`), top-5 hits, summed cross entropy, skipped inputs and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassReport {
+    /// Class names.
+    pub classes: Vec<String>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+    /// Inputs whose label is among the 5 highest logits (all of them with fewer than 5 classes).
+    pub top5_hits: u64,
+    /// Sum of the per-input cross entropy (natural log).
+    pub loss_sum: f64,
+    /// Inputs left out because they could not be read.
+    pub skipped: usize,
+    /// Seconds spent, for the per-second figure (0 = not measured).
+    pub seconds: f64,
+    /// What one input is called in the summary (`images`, `clips`).
+    pub unit: &'static str,
+}
+
+impl ClassReport {
+    /// Empty counts for `classes`.
+    pub fn new(classes: &[String], unit: &'static str) -> Self {
+        let k = classes.len();
+        Self {
+            classes: classes.to_vec(),
+            confusion: vec![vec![0; k]; k],
+            top5_hits: 0,
+            loss_sum: 0.0,
+            skipped: 0,
+            seconds: 0.0,
+            unit,
+        }
+    }
+
+    /// Counts one batch of host logits (row-major `labels.len() x classes`).
+    pub fn add(&mut self, logits: &[f32], labels: &[usize]) -> Result<()> {
+        let k = self.classes.len();
+        ensure!(
+            logits.len() == labels.len() * k,
+            "model returned {} logits for {} {} of {k} classes",
+            logits.len(),
+            labels.len(),
+            self.unit
+        );
+        for (row, &label) in logits.chunks(k).zip(labels) {
+            ensure!(label < k, "label {label} is outside the {k} classes");
+            self.confusion[label][argmax(row)] += 1;
+            if row.iter().filter(|&&v| v > row[label]).count() < 5 {
+                self.top5_hits += 1;
+            }
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            self.loss_sum += lse - row[label] as f64;
+        }
+        Ok(())
+    }
+
+    /// Inputs counted.
+    pub fn total(&self) -> u64 {
+        self.confusion.iter().flatten().sum()
+    }
+
+    /// Inputs predicted correctly.
+    pub fn correct(&self) -> u64 {
+        (0..self.confusion.len())
+            .map(|i| self.confusion[i][i])
+            .sum()
+    }
+
+    /// Top-1 accuracy in `[0, 1]` (0 when nothing was counted).
+    pub fn top1(&self) -> f64 {
+        ratio(self.correct(), self.total())
+    }
+
+    /// Same as [`top1`](Self::top1).
+    pub fn accuracy(&self) -> f64 {
+        self.top1()
+    }
+
+    /// Top-5 accuracy in `[0, 1]`.
+    pub fn top5(&self) -> f64 {
+        ratio(self.top5_hits, self.total())
+    }
+
+    /// Mean cross entropy per input.
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.total().max(1) as f64
+    }
+
+    /// Inputs per second (0 when no time was recorded).
+    pub fn per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.total() as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Accuracy of each class (`None` for a class without inputs).
+    pub fn per_class(&self) -> Vec<Option<f64>> {
+        self.confusion
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let n: u64 = row.iter().sum();
+                (n > 0).then(|| row[i] as f64 / n as f64)
+            })
+            .collect()
+    }
+
+    /// The printed report: per-class accuracy, counts, loss, top-5; the last line is
+    /// `accuracy = X%` (top-1, two decimals) for scripts.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let unit = self.unit;
+        let width = self.classes.iter().map(|c| c.len()).max().unwrap_or(0);
+        let _ = writeln!(s, "per-class accuracy:");
+        for ((name, acc), row) in self
+            .classes
+            .iter()
+            .zip(self.per_class())
+            .zip(&self.confusion)
+        {
+            let n: u64 = row.iter().sum();
+            match acc {
+                Some(a) => {
+                    let _ = writeln!(s, "  {name:width$}  {:6.2}%  ({n} {unit})", 100.0 * a);
+                }
+                None => {
+                    let _ = writeln!(s, "  {name:width$}       -   (none)");
+                }
+            }
+        }
+        let rate = if self.seconds > 0.0 {
+            format!(", {:.1} {unit}/s", self.per_second())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "{unit}: {} ({} skipped as unreadable){rate}",
+            self.total(),
+            self.skipped
+        );
+        let _ = writeln!(s, "mean loss = {:.4}", self.mean_loss());
+        let _ = writeln!(s, "top-5 accuracy = {:.2}%", 100.0 * self.top5());
+        let _ = write!(s, "accuracy = {:.2}%", 100.0 * self.top1());
+        s
+    }
+
+    /// Draws the confusion matrix as a PNG.
+    pub fn confusion_png(&self, path: &std::path::Path) -> Result<()> {
+        crate::plot::confusion_matrix(path, &self.confusion, &self.classes)
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
