@@ -46,6 +46,7 @@ pub trait MegaDevice<E: Float>: Device<E> + Sized {
     }
 }
 
+#[cfg_attr(feature = "composed-ops", allow(unused_macros))]
 macro_rules! cpu_mega_device {
     ($e:ty) => {
         impl MegaDevice<$e> for Cpu {
