@@ -23,14 +23,14 @@
 //! | `speech-commands` | [`SpeechCommands`] | 1 | 16,000 | 6 | 60 | 30 | 120 | 120 | 16 | 4 | 1000 | GPUs (≈300K params) |
 //! | `speech-cpu` | [`SpeechCpu`] | 32 | 500 | 4 | 32 | 16 | 64 | 64 | 8 | 4 | 125 | 2 CPU cores |
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::{self, Buffer, HasBuffers};
 use megalodon_core::config::ModelConf;
 use megalodon_core::device::MegaDevice;
-use megalodon_core::fit::{latest_checkpoint, Trainable};
+use megalodon_core::fit::Trainable;
 use megalodon_core::nn::classifier::{class_cross_entropy, softmax_rows, ClassHead, ClassLogits};
 use megalodon_core::nn::layers::Linear;
 use megalodon_core::params::{join, ParamVisitor, Params};
@@ -516,24 +516,7 @@ impl<
     }
 }
 
-/// The folder holding `config.json` and `model.safetensors` for `run`: its latest checkpoint
-/// when `run` is a training output folder, else `run` itself.
-pub fn resolve_run(run: &Path) -> Result<PathBuf> {
-    ensure!(
-        run.is_dir(),
-        "run directory {} does not exist or is not a directory",
-        run.display()
-    );
-    if let Some(dir) = latest_checkpoint(run)? {
-        return Ok(dir);
-    }
-    ensure!(
-        run.join(checkpoint::CONFIG_FILE).is_file(),
-        "{} holds neither a `latest` checkpoint nor a config.json: not a run directory",
-        run.display()
-    );
-    Ok(run.to_path_buf())
-}
+pub use megalodon_core::fit::resolve_run;
 
 /// Reads the [`AudioConf`] of a run directory (see [`resolve_run`]).
 pub fn load_conf(run: &Path) -> Result<AudioConf> {

@@ -234,6 +234,25 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+/// The folder holding `config.json` and `model.safetensors` for `run`: its latest checkpoint
+/// when `run` is a training output folder, else `run` itself (a checkpoint or exported run).
+pub fn resolve_run(run: &Path) -> Result<PathBuf> {
+    ensure!(
+        run.is_dir(),
+        "run directory {} does not exist or is not a directory",
+        run.display()
+    );
+    if let Some(dir) = latest_checkpoint(run)? {
+        return Ok(dir);
+    }
+    ensure!(
+        run.join(crate::checkpoint::CONFIG_FILE).is_file(),
+        "{} holds neither a `latest` checkpoint nor a config.json: not a run directory",
+        run.display()
+    );
+    Ok(run.to_path_buf())
+}
+
 /// One forward/backward/update on `batch`; returns the loss and the step's statistics.
 pub fn train_step<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
     model: &mut M,

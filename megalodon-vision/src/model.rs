@@ -27,7 +27,7 @@ use image::DynamicImage;
 use megalodon_core::checkpoint::{self, Buffer, HasBuffers};
 use megalodon_core::config::ModelConf;
 use megalodon_core::device::MegaDevice;
-use megalodon_core::fit::{latest_checkpoint, Trainable};
+use megalodon_core::fit::Trainable;
 use megalodon_core::nn::classifier::{class_cross_entropy, softmax_rows, ClassHead, ClassLogits};
 use megalodon_core::nn::layers::{normal_vec, Linear};
 use megalodon_core::params::{join, ParamVisitor, Params};
@@ -545,24 +545,7 @@ impl<
     }
 }
 
-/// The folder holding `config.json` and `model.safetensors` for `run`: its latest checkpoint
-/// when `run` is a training output folder, else `run` itself.
-pub fn resolve_run(run: &Path) -> Result<std::path::PathBuf> {
-    ensure!(
-        run.is_dir(),
-        "run directory {} does not exist or is not a directory",
-        run.display()
-    );
-    if let Some(dir) = latest_checkpoint(run)? {
-        return Ok(dir);
-    }
-    ensure!(
-        run.join(checkpoint::CONFIG_FILE).is_file(),
-        "{} holds neither a `latest` checkpoint nor a config.json: not a run directory",
-        run.display()
-    );
-    Ok(run.to_path_buf())
-}
+pub use megalodon_core::fit::resolve_run;
 
 /// Reads the [`VisionConf`] of a run directory (see [`resolve_run`]).
 pub fn load_conf(run: &Path) -> Result<VisionConf> {
