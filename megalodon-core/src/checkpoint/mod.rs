@@ -275,8 +275,49 @@ pub(crate) fn write_safetensors(
     write_atomic_with(path, |tmp| {
         ::safetensors::tensor::serialize_to_file(views, &metadata, tmp)
             .map_err(|e| anyhow::anyhow!("{e:?}"))
-            .with_context(|| format!("writing safetensors file {}", tmp.display()))
+            .with_context(|| format!("writing safetensors file {}", tmp.display()))?;
+        canonicalize_header(tmp)
     })
+}
+
+/// Rewrites, in place, the JSON header of the safetensors file at `path` with its string
+/// metadata in key order. `safetensors` takes the metadata as a `HashMap`, whose iteration order
+/// changes from process to process; sorted, the same tensors and metadata always give the same
+/// bytes, so a resumed run's checkpoint is byte-identical to the uninterrupted one's. The
+/// rewritten header has exactly the old length (same JSON, other key order), so no tensor moves.
+fn canonicalize_header(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let ctx = || format!("rewriting the header of {}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(ctx)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(ctx)?;
+    let n = usize::try_from(u64::from_le_bytes(len)).with_context(ctx)?;
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).with_context(ctx)?;
+    let mut value: serde_json::Value = serde_json::from_slice(&header).with_context(ctx)?;
+    let Some(top) = value.as_object_mut() else {
+        bail!("{}: the safetensors header is not a JSON object", path.display());
+    };
+    if let Some(serde_json::Value::Object(meta)) = top.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = std::mem::take(meta).into_iter().collect();
+        meta.extend(sorted);
+    }
+    let mut canonical = serde_json::to_vec(&value).with_context(ctx)?;
+    if canonical.len() > n {
+        bail!(
+            "{}: the reordered safetensors header is longer ({} bytes) than the original ({n})",
+            path.display(),
+            canonical.len()
+        );
+    }
+    canonical.resize(n, b' ');
+    f.seek(SeekFrom::Start(8)).with_context(ctx)?;
+    f.write_all(&canonical).with_context(ctx)?;
+    Ok(())
 }
 
 /// Reads a whole file into memory; the error names it.
