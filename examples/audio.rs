@@ -25,7 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dfdx::prelude::*;
 use megalodon::cli::{check_device, Bar, TrainFlags};
-use megalodon_audio::loader::{Loader, LoaderConfig};
+use megalodon_audio::loader::{Clips, Loader, LoaderConfig};
 use megalodon_audio::megalodon_core::fit::StepLog;
 use megalodon_audio::megalodon_core::optim::{AdamW, OptimConf};
 use megalodon_audio::train::{eval_split, TrainHooks};
@@ -296,8 +296,8 @@ fn use_run<M: AudioModel<f32, Cpu>>(cmd: &Cmd) -> Result<()> {
                 M::load_on(&dev, run).with_context(|| format!("--run {}", run.display()))?;
             let conf = model.audio_conf();
             let (folder, split) = eval_split(data, *val_split, *seed)?;
-            let mut lc = LoaderConfig::eval(*batch);
-            lc.clip = conf.eval_clip();
+            let mut lc = LoaderConfig::ordered(Clips::eval(), *batch);
+            lc.decode.clip = conf.eval_clip();
             let loader = Loader::new(folder, lc)?;
             let r = evaluate(&loader, &conf.labels, |s, l, n| model.logits_host(s, l, n))
                 .with_context(|| format!("evaluating on {}", data.display()))?;
@@ -367,12 +367,12 @@ fn bench<M: AudioModel<f32, Cpu>>(cmd: &Cmd) -> Result<()> {
         .context("--batch times --clip-len overflows")?;
     let mut rng = megalodon_audio::SplitMix64::new(1);
     let b = Batch {
-        samples: (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect(),
+        values: (0..n).map(|_| rng.next_f64() as f32 - 0.5).collect(),
         lengths: vec![*clip_len; *batch],
         labels: (0..*batch).map(|i| i % labels).collect(),
         batch: *batch,
         skipped: 0,
-        clip_len: *clip_len,
+        row_len: *clip_len,
         epoch: 0,
         index: 0,
         ids: (0..*batch).collect(),
@@ -388,7 +388,7 @@ fn bench<M: AudioModel<f32, Cpu>>(cmd: &Cmd) -> Result<()> {
     let train_s = t.elapsed().as_secs_f64() / *steps as f64;
     let t = Instant::now();
     for _ in 0..*steps {
-        model.logits_host(&b.samples, &b.lengths, b.clip_len)?;
+        model.logits_host(&b.values, &b.lengths, b.row_len)?;
     }
     let infer_s = t.elapsed().as_secs_f64() / *steps as f64;
     println!(

@@ -28,7 +28,7 @@ use megalodon_core::plot::{line_plot, Series};
 use megalodon_vision::image_folder::{load_rgb, DatasetSplits, ImageFolder};
 use megalodon_vision::{
     evaluate, load_conf, train_transform, AugmentLevel, FashionSmall, ImageNetMegalodon, Loader,
-    LoaderConfig, StepBatches, VisionModel, VisionPreset, FASHION_SMALL, IMAGENET,
+    LoaderConfig, Patches, StepBatches, VisionModel, VisionPreset, FASHION_SMALL, IMAGENET,
 };
 
 #[derive(Parser, Debug)]
@@ -227,7 +227,8 @@ impl<M: VisionModel<f32, Cpu>> Progress<M> for EpochProgress {
             model.logits_host(p, b)
         })?;
         let epoch = step.div_ceil(self.per_epoch);
-        let (skipped, files) = self.data.borrow().epoch_skipped();
+        let files = self.data.borrow_mut().take_epoch_skipped();
+        let skipped = files.len();
         let mut line = format!(
             "epoch {epoch}/{}: train loss {:.4}, val loss {:.4}, val accuracy {:.2}% (top-5 \
              {:.2}%), {} skipped file(s), {:.0}s elapsed (eval {:.1}s)",
@@ -287,7 +288,7 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
     let dev: Cpu = Default::default();
     let splits = DatasetSplits::open(data, *val_split, flags.seed)
         .with_context(|| format!("--data {}", data.display()))?;
-    let classes = splits.train.classes().to_vec();
+    let classes = splits.train.labels().to_vec();
     let mut conf = M::preset_conf(preset, classes.clone(), *pos_embed == OnOff::On)?;
     if let Some(s) = image_size {
         conf.image_size = *s;
@@ -313,12 +314,15 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
     };
     let conf = model.vision_conf().clone();
     let batch = flags.batch.unwrap_or(128);
-    let mut lc = LoaderConfig::new(train_transform(&conf, *augment)?, conf.patch, batch);
+    let mut lc = LoaderConfig::new(
+        Patches::new(train_transform(&conf, *augment)?, conf.patch),
+        batch,
+    );
     lc.seed = flags.seed;
     lc.drop_last = splits.train.len() >= batch;
     lc.threads = *workers;
     let train_loader = Loader::new(splits.train.clone(), lc)?;
-    let mut vc = LoaderConfig::new(conf.eval_transform()?, conf.patch, 500);
+    let mut vc = LoaderConfig::new(Patches::new(conf.eval_transform()?, conf.patch), 500);
     vc.shuffle = false;
     vc.threads = *workers;
     let val_loader = Loader::new(splits.val.clone(), vc)?;
@@ -448,7 +452,8 @@ fn use_run<M: VisionModel<f32, Cpu>>(cmd: &Cmd) -> Result<()> {
             };
             let folder =
                 ImageFolder::scan(&dir).with_context(|| format!("--data {}", data.display()))?;
-            let mut lc = LoaderConfig::new(conf.eval_transform()?, conf.patch, *batch);
+            let mut lc =
+                LoaderConfig::new(Patches::new(conf.eval_transform()?, conf.patch), *batch);
             lc.shuffle = false;
             let loader = Loader::new(folder, lc)?;
             let t = Instant::now();

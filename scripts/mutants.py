@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.environ.get("MUTANTS_DIR", "/tmp/megalodon-mutants")
@@ -81,7 +82,9 @@ def main():
             dst = os.path.join(WORK, f)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copy2(src, dst)
-    env = dict(os.environ, CARGO_TARGET_DIR=TARGET)
+    # no debug info: the mutated core is relinked into every test binary for each mutation
+    env = dict(os.environ, CARGO_TARGET_DIR=TARGET, CARGO_PROFILE_TEST_DEBUG="0",
+               CARGO_PROFILE_DEV_DEBUG="0")
     results = []
     for m in MUTANTS:
         mid, path, old, new, what = m[:5]
@@ -96,6 +99,7 @@ def main():
             text = text.replace(m[5][0], m[5][1], 1)
         open(os.path.join(WORK, path), "w").write(text)
         print(f"== mutation {mid}: {what}", flush=True)
+        t0 = time.time()
         log = os.path.join(WORK, f"mutant-{mid}.log")
         with open(log, "w") as out:
             rc = 0
@@ -105,6 +109,7 @@ def main():
                 if rc != 0:
                     break
         body = open(log).read()
+        what = f"{what} [{(time.time() - t0) / 60:.1f} min]"
         if rc == 0:
             results.append(f"SURVIVED  {mid}  {what}")
         elif "error[" in body or "could not compile" in body:
@@ -115,7 +120,7 @@ def main():
             results.append(f"killed    {mid}  {what}: {len(failed)} failing test(s), e.g. "
                            + ", ".join(failed[:3]))
         open(os.path.join(WORK, path), "w").write(orig)
-    print("\n".join(results))
+    print("\n".join(results), flush=True)
     sys.exit(1 if any(r.startswith(("SURVIVED", "NO-BUILD", "STALE")) for r in results) else 0)
 
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use megalodon_audio::augment::{Augment, AugmentConfig};
 use megalodon_audio::dataset::AudioSplits;
-use megalodon_audio::loader::{Loader, LoaderConfig};
+use megalodon_audio::loader::{Clips, Loader, LoaderConfig};
 use megalodon_audio::wav::ReadOptions;
 
 fn run(name: &str, loader: &Loader) -> Result<()> {
@@ -21,10 +21,10 @@ fn run(name: &str, loader: &Loader) -> Result<()> {
     let s = t.elapsed().as_secs_f64();
     println!(
         "{name}: {} clips in {} batches, {} skipped, {s:.2} s = {:.0} clips/s",
-        it.clips(),
+        it.rows(),
         it.batches(),
         it.skipped(),
-        it.clips() as f64 / s
+        it.rows() as f64 / s
     );
     Ok(())
 }
@@ -63,13 +63,13 @@ fn main() -> Result<()> {
         aug.noise().len(),
         t.elapsed().as_secs_f64()
     );
-    let mut eval = LoaderConfig::eval(batch);
+    let mut eval = LoaderConfig::ordered(Clips::eval(), batch);
     eval.threads = threads;
     run(
         "eval  (decode + centre crop)",
         &Loader::new(splits.train.clone(), eval)?,
     )?;
-    let mut train = LoaderConfig::train(batch, Some(aug));
+    let mut train = LoaderConfig::new(Clips::train(Some(aug)), batch);
     train.threads = threads;
     run(
         "train (decode + shift/gain/noise)",

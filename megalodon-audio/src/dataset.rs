@@ -19,7 +19,7 @@
 //!   (`label/file.wav`, one per line) that form the validation and test splits; every other
 //!   WAV is training data. Listed paths that do not exist are counted and reported once.
 //! * **Plain** ([`Layout::Plain`]): one tree, cut into train and validation by a seeded,
-//!   stratified fraction ([`split_stratified`]): each label keeps `round(n · val_split)`
+//!   stratified fraction ([`LabelFolder::split`]): each label keeps `round(n · val_split)`
 //!   files for validation (at least one when `val_split > 0` and the label has two or more).
 //! * **Trees** ([`Layout::Trees`]): `train/` and `val/` (or `validation/`), optionally
 //!   `test/`, each a plain label tree with the same labels.
@@ -34,9 +34,10 @@ use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use megalodon_core::data::label_folder::{FileKind, LabelFolder};
 
-use crate::rng::SplitMix64;
+pub use megalodon_core::data::label_folder::Sample;
 
 /// Folder of background-noise WAVs in the Speech Commands layout; never a label.
 pub const NOISE_DIR: &str = "_background_noise_";
@@ -46,196 +47,21 @@ pub const AUDIO_EXTENSIONS: &[&str] = &["wav"];
 pub const VALIDATION_LIST: &str = "validation_list.txt";
 /// The Speech Commands test list, in the root.
 pub const TESTING_LIST: &str = "testing_list.txt";
-/// Deepest folder nesting searched inside a label folder.
-const MAX_DEPTH: usize = 16;
-/// Key that separates the split's random stream from the loader's streams of the same seed.
-const SPLIT_STREAM: u64 = 0x5EED_5B17;
 
-/// One labelled WAV file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sample {
-    /// Path of the WAV file.
-    pub path: PathBuf,
-    /// Label id: index into [`AudioFolder::labels`].
-    pub label: usize,
+/// The files of an audio folder: WAVs, one sub-folder per label, [`NOISE_DIR`] never a label.
+#[derive(Debug, Clone, Copy)]
+pub struct Wavs;
+
+impl FileKind for Wavs {
+    const WHAT: &'static str = "WAV";
+    const FOLDER: &'static str = "label";
+    const EXTENSIONS: &'static [&'static str] = AUDIO_EXTENSIONS;
+    const RESERVED: &'static [&'static str] = &[NOISE_DIR];
 }
 
-/// A set of labelled WAV files with its label names (a whole tree or one split of it).
-#[derive(Debug, Clone)]
-pub struct AudioFolder {
-    root: PathBuf,
-    labels: Vec<String>,
-    samples: Vec<Sample>,
-    ignored: Vec<PathBuf>,
-}
-
-impl AudioFolder {
-    /// Scans `root`, whose sub-folders (except [`NOISE_DIR`] and hidden ones) are the labels.
-    ///
-    /// Errors (naming the path): `root` missing or not a directory, no label folder, a single
-    /// label, a label folder with no file or with no WAV file, a non-UTF-8 folder name.
-    pub fn scan(root: impl AsRef<Path>) -> Result<Self> {
-        let root = root.as_ref();
-        ensure!(
-            root.is_dir(),
-            "audio folder {} does not exist or is not a directory",
-            root.display()
-        );
-        let mut dirs = Vec::new();
-        for entry in sorted_entries(root)? {
-            if !entry.is_dir() {
-                continue;
-            }
-            let name = entry
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| anyhow!("label folder name is not UTF-8: {}", entry.display()))?
-                .to_string();
-            if name == NOISE_DIR {
-                continue;
-            }
-            dirs.push((name, entry));
-        }
-        match dirs.len() {
-            0 => bail!(
-                "no label folders in {}: expected one sub-folder of WAV files per label",
-                root.display()
-            ),
-            1 => bail!(
-                "only one label folder ({}) in {}: a classifier needs at least two labels",
-                dirs[0].0,
-                root.display()
-            ),
-            _ => {}
-        }
-        let mut samples = Vec::new();
-        let mut ignored = Vec::new();
-        for (label, (_, dir)) in dirs.iter().enumerate() {
-            let mut files = Vec::new();
-            walk_files(dir, 0, &mut files)?;
-            let before = samples.len();
-            let mut others = 0usize;
-            for path in files {
-                if is_audio(&path) {
-                    samples.push(Sample { path, label });
-                } else {
-                    others += 1;
-                    ignored.push(path);
-                }
-            }
-            if samples.len() == before {
-                if others == 0 {
-                    bail!("empty label folder {}: it holds no files", dir.display());
-                }
-                bail!(
-                    "no WAV file in label folder {}: none of its {others} file(s) ends in .wav",
-                    dir.display()
-                );
-            }
-        }
-        if let Some(first) = ignored.first() {
-            eprintln!(
-                "warning: {}: ignoring {} file(s) that are not WAV, e.g. {}",
-                root.display(),
-                ignored.len(),
-                first.display()
-            );
-        }
-        Ok(Self {
-            root: root.to_path_buf(),
-            labels: dirs.into_iter().map(|(n, _)| n).collect(),
-            samples,
-            ignored,
-        })
-    }
-
-    /// A folder made of the given samples (labels must index `labels`). For callers that
-    /// build their own lists; errors when a label id is out of range.
-    pub fn from_samples(
-        root: impl Into<PathBuf>,
-        labels: Vec<String>,
-        samples: Vec<Sample>,
-    ) -> Result<Self> {
-        let root = root.into();
-        if let Some(bad) = samples.iter().find(|s| s.label >= labels.len()) {
-            bail!(
-                "sample {} has label id {} but {} has only {} labels",
-                bad.path.display(),
-                bad.label,
-                root.display(),
-                labels.len()
-            );
-        }
-        Ok(Self {
-            root,
-            labels,
-            samples,
-            ignored: Vec::new(),
-        })
-    }
-
-    /// The folder this set was scanned from.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Label names, sorted; `labels()[id]` names label id `id`.
-    pub fn labels(&self) -> &[String] {
-        &self.labels
-    }
-
-    /// Number of labels.
-    pub fn num_labels(&self) -> usize {
-        self.labels.len()
-    }
-
-    /// Every WAV file with its label, label by label, files in path order.
-    pub fn samples(&self) -> &[Sample] {
-        &self.samples
-    }
-
-    /// Number of WAV files.
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-
-    /// Whether there is no WAV file (possible for a split, never for a scan).
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
-    /// Files found in label folders that are not WAV files (left out).
-    pub fn ignored(&self) -> &[PathBuf] {
-        &self.ignored
-    }
-
-    /// Files per label id.
-    pub fn label_counts(&self) -> Vec<usize> {
-        let mut counts = vec![0; self.labels.len()];
-        for s in &self.samples {
-            counts[s.label] += 1;
-        }
-        counts
-    }
-
-    /// The samples at `indices` (same labels and root); errors when an index is out of range.
-    pub fn subset(&self, indices: &[usize]) -> Result<Self> {
-        let samples = indices
-            .iter()
-            .map(|&i| {
-                self.samples.get(i).cloned().with_context(|| {
-                    format!("sample index {i} out of range ({} samples)", self.len())
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            root: self.root.clone(),
-            labels: self.labels.clone(),
-            samples,
-            ignored: Vec::new(),
-        })
-    }
-}
+/// A set of labelled WAV files with its label names (a whole tree or one split of it): the
+/// core's [`LabelFolder`] of [`Wavs`].
+pub type AudioFolder = LabelFolder<Wavs>;
 
 /// Which directory layout [`AudioSplits::open`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,11 +122,11 @@ impl AudioSplits {
             })?;
             let train = AudioFolder::scan(&train_dir)?;
             let val = AudioFolder::scan(&val_dir)?;
-            same_labels(&train, &val)?;
+            train.check_same_labels(&val)?;
             let test_dir = root.join("test");
             let test = if test_dir.is_dir() {
                 let t = AudioFolder::scan(&test_dir)?;
-                same_labels(&train, &t)?;
+                train.check_same_labels(&t)?;
                 Some(t)
             } else {
                 None
@@ -315,7 +141,7 @@ impl AudioSplits {
             });
         }
         let all = AudioFolder::scan(root)?;
-        let (train, val) = split_stratified(&all, val_split, seed)?;
+        let (train, val) = all.split(val_split, seed)?;
         Ok(Self {
             train,
             val,
@@ -381,62 +207,13 @@ impl AudioSplits {
     }
 }
 
-/// Cuts `folder` into (train, validation): per label, a seeded random `round(n · val_split)`
-/// files go to validation (at least one when `val_split > 0` and the label has two files or
-/// more; never all of a label's files). `val_split` must be in `[0, 1)`.
-pub fn split_stratified(
-    folder: &AudioFolder,
-    val_split: f64,
-    seed: u64,
-) -> Result<(AudioFolder, AudioFolder)> {
-    ensure!(
-        (0.0..1.0).contains(&val_split),
-        "val_split must be in [0, 1), got {val_split}"
-    );
-    let mut by_label = vec![Vec::new(); folder.num_labels()];
-    for (i, s) in folder.samples().iter().enumerate() {
-        by_label[s.label].push(i);
-    }
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (label, mut idx) in by_label.into_iter().enumerate() {
-        SplitMix64::from_keys(&[seed, SPLIT_STREAM, label as u64]).shuffle(&mut idx);
-        let n = idx.len();
-        let mut k = (n as f64 * val_split).round() as usize;
-        if val_split > 0.0 && n >= 2 {
-            k = k.max(1);
-        }
-        k = k.min(n.saturating_sub(1));
-        let (v, t) = idx.split_at(k);
-        val.extend_from_slice(v);
-        train.extend_from_slice(t);
-    }
-    train.sort_unstable();
-    val.sort_unstable();
-    Ok((folder.subset(&train)?, folder.subset(&val)?))
-}
-
 /// The WAV files of `root/_background_noise_/`, sorted; empty when the folder is absent.
 pub fn noise_files(root: &Path) -> Result<Vec<PathBuf>> {
     let dir = root.join(NOISE_DIR);
     if !dir.is_dir() {
         return Ok(Vec::new());
     }
-    let mut files = Vec::new();
-    walk_files(&dir, 0, &mut files)?;
-    files.retain(|p| is_audio(p));
-    Ok(files)
-}
-
-fn same_labels(a: &AudioFolder, b: &AudioFolder) -> Result<()> {
-    ensure!(
-        a.labels() == b.labels(),
-        "label folders differ between {} ({:?}) and {} ({:?})",
-        a.root().display(),
-        a.labels(),
-        b.root().display(),
-        b.labels()
-    );
-    Ok(())
+    AudioFolder::files_in(&dir)
 }
 
 /// The list file's entries as normalised relative paths (`/` separators, no `./`); a missing
@@ -470,47 +247,4 @@ fn relative_key(root: &Path, path: &Path) -> String {
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
     normalise(&parts.join("/"))
-}
-
-fn is_audio(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| AUDIO_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
-}
-
-fn is_hidden(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'))
-}
-
-/// The non-hidden entries of `dir`, sorted by path.
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-        let path = entry.path();
-        if !is_hidden(&path) {
-            out.push(path);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// Every non-hidden file under `dir`, recursively (to [`MAX_DEPTH`]), sorted by path.
-fn walk_files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
-    ensure!(
-        depth <= MAX_DEPTH,
-        "folders nested more than {MAX_DEPTH} deep under {} (a symlink loop?)",
-        dir.display()
-    );
-    for path in sorted_entries(dir)? {
-        if path.is_dir() {
-            walk_files(&path, depth + 1, out)?;
-        } else if path.is_file() {
-            out.push(path);
-        }
-    }
-    Ok(())
 }

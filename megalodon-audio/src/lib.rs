@@ -17,17 +17,17 @@
 //!    shift, gain, background noise from a [`augment::NoiseBank`]), deterministically in a seed.
 //! 4. [`loader::Loader`] batches a folder per epoch: seeded permutation, parallel decoding,
 //!    background prefetch, unreadable files reported once, skipped and counted, resumable at
-//!    any batch; [`loader::Batch::frames`] reshapes a batch for a strided embedding.
+//!    any batch; [`loader::ClipBatch::frames`] reshapes a batch for a strided embedding.
 //!
 //! ```no_run
 //! use megalodon_audio::{augment::{Augment, AugmentConfig}, dataset::AudioSplits};
-//! use megalodon_audio::loader::{Loader, LoaderConfig};
+//! use megalodon_audio::loader::{ClipBatch, Clips, Loader, LoaderConfig};
 //! use megalodon_audio::wav::ReadOptions;
 //!
 //! # fn main() -> anyhow::Result<()> {
 //! let splits = AudioSplits::open("data/speech", 0.1, 42)?;
 //! let augment = Augment::with_noise_files(AugmentConfig::default(), &splits.noise, &ReadOptions::default())?;
-//! let mut cfg = LoaderConfig::train(32, Some(augment));
+//! let mut cfg = LoaderConfig::new(Clips::train(Some(augment)), 32);
 //! cfg.seed = 42;
 //! let train = Loader::new(splits.train.clone(), cfg)?;
 //! for batch in train.epoch(0) {
@@ -51,9 +51,9 @@ pub mod wav;
 
 pub use augment::{make_clip, Augment, AugmentConfig, ClipConfig, NoiseBank, NoiseLevel};
 pub use clip::{frame, Crop, Framed, Normalize, DEFAULT_CLIP_LEN};
-pub use dataset::{AudioFolder, AudioSplits, Layout, Sample};
+pub use dataset::{AudioFolder, AudioSplits, Layout, Sample, Wavs};
 pub use eval::{evaluate, EvalReport};
-pub use loader::{Batch, EpochIter, Loader, LoaderConfig};
+pub use loader::{Batch, ClipBatch, Clips, EpochIter, Loader, LoaderConfig};
 pub use megalodon_core;
 pub use model::{
     load_conf, param_count, AudioConf, AudioModel, AudioPreset, SpeechClassifier, SpeechCommands,

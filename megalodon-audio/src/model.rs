@@ -30,7 +30,7 @@ use dfdx::prelude::*;
 use megalodon_core::checkpoint::{self, Buffer, HasBuffers};
 use megalodon_core::config::ModelConf;
 use megalodon_core::device::MegaDevice;
-use megalodon_core::fit::Trainable;
+use megalodon_core::fit::{load_trained, Trainable};
 use megalodon_core::nn::classifier::{class_cross_entropy, softmax_rows, ClassHead, ClassLogits};
 use megalodon_core::nn::layers::Linear;
 use megalodon_core::params::{join, ParamVisitor, Params};
@@ -306,9 +306,7 @@ impl<
     /// Replaces the head by a freshly initialised one for `labels` (fine-tuning on other
     /// words).
     pub fn reset_head(&mut self, labels: Vec<String>, seed: u64) -> Result<()> {
-        let dev = self.head.weight.device().clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        self.head = ClassHead::new(&dev, &mut rng, labels.len())?;
+        self.head.reinit(labels.len(), seed)?;
         self.conf.labels = labels;
         Ok(())
     }
@@ -316,15 +314,7 @@ impl<
     /// Loads a run directory on `dev`: a training `--out` folder (its latest checkpoint is
     /// used) or a checkpoint folder holding `config.json` and `model.safetensors`.
     pub fn load_on(dev: &D, run: impl AsRef<Path>) -> Result<Self> {
-        let run = run.as_ref();
-        let dir = resolve_run(run)?;
-        let conf: AudioConf = checkpoint::load_json(&dir)
-            .with_context(|| format!("{} is not an audio run", run.display()))?;
-        let mut model = Self::new(dev, conf, 0)
-            .with_context(|| format!("building the model of {}", dir.display()))?;
-        checkpoint::load_run_weights(&dir, &mut model)
-            .with_context(|| format!("loading the weights of {}", dir.display()))?;
-        Ok(model)
+        load_trained(run.as_ref(), "an audio run", |conf| Self::new(dev, conf, 0))
     }
 
     /// Label names.
@@ -609,7 +599,7 @@ impl<
             b.epoch,
             b.skipped
         );
-        let (x, tl) = self.framed(&b.samples, &b.lengths, b.clip_len)?;
+        let (x, tl) = self.framed(&b.values, &b.lengths, b.row_len)?;
         let x = x.traced(grads);
         class_cross_entropy(self.logits(x, &tl)?, &b.labels)
     }

@@ -18,102 +18,12 @@ use megalodon_core::optim::{OptimConf, Schedule};
 use crate::augment::{Augment, AugmentConfig};
 use crate::dataset::AudioSplits;
 use crate::eval::{evaluate, EvalReport};
-use crate::loader::{Batch, EpochIter, Loader, LoaderConfig};
+use crate::loader::{Clips, Loader, LoaderConfig};
 use crate::model::{load_conf, param_count, AudioModel, AudioPreset};
 use crate::wav::ReadOptions;
 
-/// Batches by step number over a [`Loader`], keeping one prefetching [`EpochIter`] open while
-/// the steps are consecutive (a jump, e.g. on resume, restarts it at the right batch).
-pub struct StepBatches {
-    loader: Loader,
-    per_epoch: usize,
-    iter: Option<EpochIter>,
-    /// `(epoch, batch index)` the open iterator yields next.
-    next: (u64, usize),
-    /// Files skipped in the epoch being iterated, counted since its iterator opened.
-    epoch_skipped: Vec<PathBuf>,
-}
-
-impl StepBatches {
-    /// Errors when the loader has no batch per epoch.
-    pub fn new(loader: Loader) -> Result<Self> {
-        let per_epoch = loader.batches_per_epoch();
-        ensure!(
-            per_epoch > 0,
-            "{} yields no batch per epoch (fewer clips than one batch?)",
-            loader.folder().root().display()
-        );
-        Ok(Self {
-            loader,
-            per_epoch,
-            iter: None,
-            next: (0, 0),
-            epoch_skipped: Vec::new(),
-        })
-    }
-
-    /// Batches per epoch.
-    pub fn per_epoch(&self) -> usize {
-        self.per_epoch
-    }
-
-    /// `(epoch, batch index)` of 1-based step `step`.
-    pub fn position(&self, step: u64) -> Result<(u64, usize)> {
-        ensure!(step >= 1, "steps are numbered from 1");
-        let s = step - 1;
-        let n = self.per_epoch as u64;
-        Ok((s / n, usize::try_from(s % n).context("batch index")?))
-    }
-
-    /// The batch of step `step`.
-    pub fn get(&mut self, step: u64) -> Result<Batch> {
-        let (epoch, index) = self.position(step)?;
-        // a new epoch, a jump, or nothing open yet: open an iterator at this batch
-        if self.iter.is_none() || self.next != (epoch, index) || index == 0 {
-            self.iter = Some(self.loader.epoch_from(epoch, index)?);
-            self.epoch_skipped.clear();
-        }
-        let it = self.iter.as_mut().context("epoch iterator")?;
-        let b = it
-            .next()
-            .with_context(|| format!("epoch {epoch} ended before batch {index}"))??;
-        ensure!(
-            b.epoch == epoch && b.index == index,
-            "loader yielded batch {} of epoch {}, expected batch {index} of epoch {epoch}",
-            b.index,
-            b.epoch
-        );
-        self.epoch_skipped.extend(b.skipped_files.iter().cloned());
-        self.next = if index + 1 == self.per_epoch {
-            (epoch + 1, 0)
-        } else {
-            (epoch, index + 1)
-        };
-        if b.batch > 0 {
-            return Ok(b);
-        }
-        // every file of this batch is unreadable: take the next batch of the epoch that has
-        // a clip (still a function of the step alone, so resuming stays exact)
-        for k in 1..self.per_epoch {
-            let other = self.loader.batch(epoch, (index + k) % self.per_epoch)?;
-            if other.batch > 0 {
-                return Ok(other);
-            }
-        }
-        bail!(
-            "no readable WAV in {}: all {} file(s) of epoch {epoch} failed to decode (see the \
-             warnings above)",
-            self.loader.folder().root().display(),
-            self.loader.folder().len()
-        )
-    }
-
-    /// Files skipped so far in the current epoch (since its iterator opened); cleared by
-    /// [`Self::take_epoch_skipped`].
-    pub fn take_epoch_skipped(&mut self) -> Vec<PathBuf> {
-        std::mem::take(&mut self.epoch_skipped)
-    }
-}
+/// Batches by step number over the audio loader (see [`megalodon_core::data::StepBatches`]).
+pub type StepBatches = megalodon_core::data::StepBatches<Clips>;
 
 /// Settings of [`train`] (the `audio train` flags).
 #[derive(Debug, Clone)]
@@ -404,8 +314,13 @@ pub fn train<M: AudioModel<f32, D>, D: MegaDevice<f32>>(
     } else {
         None
     };
-    let mut lc = LoaderConfig::train(opts.batch, augment);
-    lc.clip = conf.train_clip();
+    let mut lc = LoaderConfig::new(
+        Clips {
+            clip: conf.train_clip(),
+            ..Clips::train(augment)
+        },
+        opts.batch,
+    );
     lc.seed = opts.seed;
     lc.drop_last = splits.train.len() >= opts.batch;
     lc.threads = opts.workers;
@@ -413,8 +328,13 @@ pub fn train<M: AudioModel<f32, D>, D: MegaDevice<f32>>(
     let val_loader = if splits.val.is_empty() {
         None
     } else {
-        let mut vc = LoaderConfig::eval(opts.batch.max(32));
-        vc.clip = conf.eval_clip();
+        let mut vc = LoaderConfig::ordered(
+            Clips {
+                clip: conf.eval_clip(),
+                ..Clips::eval()
+            },
+            opts.batch.max(32),
+        );
         vc.threads = opts.workers;
         Some(Loader::new(splits.val.clone(), vc)?)
     };

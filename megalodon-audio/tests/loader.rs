@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use megalodon_audio::augment::{Augment, AugmentConfig, ClipConfig, NoiseBank};
 use megalodon_audio::dataset::{AudioFolder, AudioSplits};
-use megalodon_audio::loader::{Batch, Loader, LoaderConfig};
+use megalodon_audio::loader::{Batch, ClipBatch, Clips, Loader, LoaderConfig};
 
 fn tree(n: usize) -> (tempfile::TempDir, AudioFolder) {
     let dir = tempfile::tempdir().unwrap();
@@ -31,8 +31,8 @@ fn train_cfg(batch: usize, threads: usize, prefetch: usize) -> LoaderConfig {
         noise,
     )
     .unwrap();
-    let mut cfg = LoaderConfig::train(batch, Some(aug));
-    cfg.clip = ClipConfig::train(1_500);
+    let mut cfg = LoaderConfig::new(Clips::train(Some(aug)), batch);
+    cfg.decode.clip = ClipConfig::train(1_500);
     cfg.seed = 11;
     cfg.threads = threads;
     cfg.prefetch = prefetch;
@@ -56,14 +56,14 @@ fn batches_have_the_documented_shape() {
     let mut seen = Vec::new();
     for (i, b) in bs.iter().enumerate() {
         assert_eq!(b.index, i);
-        assert_eq!(b.samples.len(), b.batch * 1_500);
+        assert_eq!(b.values.len(), b.batch * 1_500);
         assert_eq!(
             (b.lengths.len(), b.labels.len(), b.ids.len()),
             (b.batch, b.batch, b.batch)
         );
         for r in 0..b.batch {
             assert_eq!(b.labels[r], f.samples()[b.ids[r]].label);
-            let row = &b.samples[r * 1_500..(r + 1) * 1_500];
+            let row = &b.values[r * 1_500..(r + 1) * 1_500];
             assert!(b.lengths[r] > 0 && b.lengths[r] <= 1_500);
             assert!(
                 row[b.lengths[r]..].iter().all(|&v| v == 0.0),
@@ -108,7 +108,7 @@ fn deterministic_regardless_of_threads_and_prefetch() {
     // Another epoch: another order and other augmentation draws.
     let e3 = collect(&a, 3);
     assert_ne!(a.order(2), a.order(3));
-    assert_ne!(ea[0].samples, e3[0].samples);
+    assert_ne!(ea[0].values, e3[0].values);
     // Another seed: another order.
     let mut cfg = train_cfg(5, 1, 1);
     cfg.seed = 12;
@@ -141,8 +141,8 @@ fn resume_at_a_batch_index() {
 #[test]
 fn eval_loader_is_ordered_and_unaugmented() {
     let (_d, f) = tree(3);
-    let mut cfg = LoaderConfig::eval(4);
-    cfg.clip = ClipConfig::eval(1_500);
+    let mut cfg = LoaderConfig::ordered(Clips::eval(), 4);
+    cfg.decode.clip = ClipConfig::eval(1_500);
     let l = Loader::new(f.clone(), cfg).unwrap();
     let bs = collect(&l, 0);
     let ids: Vec<usize> = bs.iter().flat_map(|b| b.ids.clone()).collect();
@@ -151,7 +151,7 @@ fn eval_loader_is_ordered_and_unaugmented() {
     assert_eq!(bs.len(), other.len());
     for (a, b) in bs.iter().zip(&other) {
         assert!(
-            a.samples == b.samples && a.lengths == b.lengths && a.labels == b.labels,
+            a.values == b.values && a.lengths == b.lengths && a.labels == b.labels,
             "eval batches depend on the epoch"
         );
     }
@@ -172,10 +172,10 @@ fn corrupt_files_are_skipped_and_counted() {
         let mut clips = 0;
         for b in it.by_ref() {
             let b = b.unwrap();
-            assert_eq!(b.samples.len(), b.batch * 1_500);
+            assert_eq!(b.values.len(), b.batch * 1_500);
             clips += b.batch;
         }
-        assert_eq!((clips, it.skipped(), it.clips()), (10, 2, 10));
+        assert_eq!((clips, it.skipped(), it.rows()), (10, 2, 10));
         let mut names = it.skipped_files().to_vec();
         names.sort();
         assert_eq!(names, vec![bad.clone(), trunc.clone()]);
@@ -191,7 +191,7 @@ fn no_readable_wav_is_an_error() {
         std::fs::write(&p, b"not audio").unwrap();
     }
     let splits = AudioSplits::open(dir.path(), 0.0, 0).unwrap();
-    let mut cfg = LoaderConfig::eval(2);
+    let mut cfg = LoaderConfig::ordered(Clips::eval(), 2);
     cfg.warn = false;
     let l = Loader::new(splits.train, cfg).unwrap();
     let items: Vec<_> = l.epoch(0).collect();
@@ -209,12 +209,12 @@ fn no_readable_wav_is_an_error() {
 #[test]
 fn config_errors() {
     let (_d, f) = tree(1);
-    assert!(Loader::new(f.clone(), LoaderConfig::eval(0)).is_err());
-    let mut cfg = LoaderConfig::eval(2);
+    assert!(Loader::new(f.clone(), LoaderConfig::ordered(Clips::eval(), 0)).is_err());
+    let mut cfg = LoaderConfig::ordered(Clips::eval(), 2);
     cfg.prefetch = 0;
     assert!(Loader::new(f.clone(), cfg).is_err());
-    let mut cfg = LoaderConfig::eval(usize::MAX / 2);
-    cfg.clip.len = 16_000;
+    let mut cfg = LoaderConfig::ordered(Clips::eval(), usize::MAX / 2);
+    cfg.decode.clip.len = 16_000;
     let e = format!("{:#}", Loader::new(f, cfg).unwrap_err());
     assert!(e.contains("overflows"), "{e}");
 }

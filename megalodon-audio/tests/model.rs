@@ -15,8 +15,8 @@ use megalodon_audio::megalodon_core::checkpoint::save_run;
 use megalodon_audio::megalodon_core::params::{ParamVisitor, Params};
 use megalodon_audio::train::{eval_split, TrainHooks};
 use megalodon_audio::{
-    evaluate, param_count, train, Loader, LoaderConfig, SpeechCommands, SpeechCpu, SplitMix64,
-    TrainOptions, SPEECH_COMMANDS, SPEECH_CPU,
+    evaluate, param_count, train, Clips, Loader, LoaderConfig, SpeechCommands, SpeechCpu,
+    SplitMix64, TrainOptions, SPEECH_COMMANDS, SPEECH_CPU,
 };
 
 type Model = SpeechCpu<f32, Cpu>;
@@ -138,8 +138,8 @@ fn trains_on_tones_and_chirps_and_classifies_after_reload() {
     assert_eq!(m.labels(), labels.as_slice());
     let (folder, split) = eval_split(data.path(), 0.25, 0).unwrap();
     assert_eq!(split, "validation");
-    let mut lc = LoaderConfig::eval(16);
-    lc.clip = m.conf.eval_clip();
+    let mut lc = LoaderConfig::ordered(Clips::eval(), 16);
+    lc.decode.clip = m.conf.eval_clip();
     let loader = Loader::new(folder.clone(), lc).unwrap();
     let r2 = evaluate(&loader, m.labels(), |x, l, n| m.logits_host(x, l, n)).unwrap();
     assert_eq!(r2.confusion, r.confusion);

@@ -253,6 +253,30 @@ pub fn resolve_run(run: &Path) -> Result<PathBuf> {
     Ok(run.to_path_buf())
 }
 
+/// Builds the model of a run from its `config.json` (with `build`) and loads its weights: `run`
+/// is a training output folder (its latest checkpoint is used) or a checkpoint folder. `what`
+/// names the kind of run in the error when the config does not parse (`"a vision run"`).
+pub fn load_trained<C, M, E, D>(
+    run: &Path,
+    what: &str,
+    build: impl FnOnce(C) -> Result<M>,
+) -> Result<M>
+where
+    C: serde::de::DeserializeOwned,
+    E: Float,
+    D: Device<E>,
+    M: Params<E, D> + HasBuffers,
+{
+    let dir = resolve_run(run)?;
+    let conf: C = crate::checkpoint::load_json(&dir)
+        .with_context(|| format!("{} is not {what}", run.display()))?;
+    let mut model =
+        build(conf).with_context(|| format!("building the model of {}", dir.display()))?;
+    crate::checkpoint::load_run_weights(&dir, &mut model)
+        .with_context(|| format!("loading the weights of {}", dir.display()))?;
+    Ok(model)
+}
+
 /// One forward/backward/update on `batch`; returns the loss and the step's statistics.
 pub fn train_step<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
     model: &mut M,

@@ -39,7 +39,6 @@ use crate::Tokenizer;
 use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::CONFIG_FILE;
-use megalodon_core::fit::latest_checkpoint;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -49,24 +48,7 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Tokens fed to the stream per call when prefilling a prompt or a context.
 pub const PREFILL_BLOCK: usize = 512;
 
-/// The checkpoint directory of a run: `run/latest`'s checkpoint if there is one, else `run`
-/// itself if it holds `config.json`. Errors name the directory.
-pub fn model_dir(run: &Path) -> Result<PathBuf> {
-    ensure!(
-        run.is_dir(),
-        "run directory {} does not exist",
-        run.display()
-    );
-    if let Some(dir) = latest_checkpoint(run)? {
-        return Ok(dir);
-    }
-    ensure!(
-        run.join(CONFIG_FILE).is_file(),
-        "{} is not a run directory: it has neither a `latest` checkpoint nor {CONFIG_FILE}",
-        run.display()
-    );
-    Ok(run.to_path_buf())
-}
+pub use megalodon_core::fit::resolve_run;
 
 /// The tokenizer file of a run: `tokenizer.json` in `run`, in the checkpoint directory, or in
 /// the checkpoint's parent.
@@ -192,7 +174,7 @@ impl<P: TextModel> LanguageModel<P> {
     /// file and the field), `model.safetensors` and `tokenizer.json`.
     pub fn load(run: impl AsRef<Path>) -> Result<Self> {
         let run = run.as_ref();
-        let dir = model_dir(run)?;
+        let dir = resolve_run(run)?;
         let tok_path = tokenizer_path(run, &dir)?;
         let tokenizer = Tokenizer::from_file(&tok_path)?;
         let dev: Cpu = Default::default();

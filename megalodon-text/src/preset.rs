@@ -74,7 +74,7 @@ impl Preset {
     /// The preset whose widths a run's `config.json` has (a checkpoint directory or a run
     /// directory with a `latest` checkpoint). The error names the file.
     pub fn of_run(run: &Path) -> Result<Preset> {
-        let dir = crate::lm::model_dir(run)?;
+        let dir = crate::lm::resolve_run(run)?;
         let path = dir.join(megalodon_core::checkpoint::CONFIG_FILE);
         let conf = ModelConf::load(&path)?;
         let dims = conf.dims();

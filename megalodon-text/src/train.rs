@@ -5,7 +5,7 @@
 //! into a non-empty `out` unless `resume` or `force` is set, and everything is checked (corpus,
 //! tokenizer, sizes, the `--init` run) before the first write.
 
-use crate::lm::{model_dir, LanguageModel, TOKENIZER_FILE};
+use crate::lm::{resolve_run, LanguageModel, TOKENIZER_FILE};
 use crate::preset::TextModel;
 use crate::{unigram_cross_entropy, unigram_entropy, Corpus, Tokenizer};
 use crate::{TrainWindows, ValWindows};
@@ -296,7 +296,7 @@ pub fn train<P: TextModel>(
     });
     let mut model = match &opts.init {
         Some(init) => {
-            let mut conf = megalodon_core::checkpoint::load_config(&model_dir(init)?)?;
+            let mut conf = megalodon_core::checkpoint::load_config(&resolve_run(init)?)?;
             ensure!(
                 conf.vocab_size >= vocab,
                 "--tokenizer has {vocab} ids but the --init run {} has vocab_size {}",
@@ -304,7 +304,7 @@ pub fn train<P: TextModel>(
                 conf.vocab_size
             );
             conf.chunk_size = chunk;
-            let dir = model_dir(init)?;
+            let dir = resolve_run(init)?;
             let mut m = P::build(&dev, conf, opts.seed)
                 .with_context(|| format!("--init {}", dir.join(CONFIG_FILE).display()))?;
             load_run_weights(&dir, &mut m).context("--init")?;

@@ -13,7 +13,9 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use megalodon_vision::{ColorMode, DatasetSplits, Loader, LoaderConfig, Normalize, Transform};
+use megalodon_vision::{
+    ColorMode, DatasetSplits, Loader, LoaderConfig, Normalize, Patches, Transform,
+};
 
 fn arg(i: usize, default: usize) -> Result<usize> {
     match std::env::args().nth(i) {
@@ -40,7 +42,7 @@ fn main() -> Result<()> {
         "scanned {dir}: {} train / {} val images, {} classes in {:.2}s",
         data.train.len(),
         data.val.len(),
-        data.train.num_classes(),
+        data.train.num_labels(),
         t0.elapsed().as_secs_f64()
     );
 
@@ -50,23 +52,23 @@ fn main() -> Result<()> {
             .with_color(ColorMode::Gray)
             .with_normalize(Normalize::fashion_mnist());
     }
-    let mut cfg = LoaderConfig::new(transform, patch, batch);
+    let mut cfg = LoaderConfig::new(Patches::new(transform, patch), batch);
     cfg.threads = threads;
     let loader = Loader::new(data.train, cfg)?;
     let t1 = Instant::now();
     let mut it = loader.epoch(0);
     let mut values = 0usize;
     for b in (&mut it).take(max_batches) {
-        values += b?.patches.len();
+        values += b?.values.len();
     }
     let secs = t1.elapsed().as_secs_f64();
     println!(
         "epoch 0: {} batches, {} images ({} skipped), {} values in {secs:.2}s = {:.0} images/s",
         it.batches(),
-        it.images(),
+        it.rows(),
         it.skipped(),
         values,
-        it.images() as f64 / secs
+        it.rows() as f64 / secs
     );
     Ok(())
 }

@@ -1,13 +1,13 @@
 //! Evaluation of a classifier over a [`Loader`]: top-1 and top-5 accuracy, per-class accuracy,
-//! mean cross entropy and the confusion matrix (with a PNG), as printed by `vision eval`.
+//! mean cross entropy and the confusion matrix (with a PNG), as printed by `vision eval`. The
+//! counting is the core's, shared with the audio head.
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 pub use megalodon_core::nn::classifier::{argmax, ClassReport};
 
 use crate::loader::Loader;
 
-/// Counts gathered by [`evaluate`]: the core's classification report (shared with the audio
-/// head).
+/// Counts gathered by [`evaluate`]: the core's classification report.
 pub type EvalReport = ClassReport;
 
 /// Runs every batch of epoch 0 of `loader` (use an unshuffled eval loader) through `logits`
@@ -19,28 +19,7 @@ pub fn evaluate(
     classes: &[String],
     mut logits: impl FnMut(&[f32], usize) -> Result<Vec<f32>>,
 ) -> Result<EvalReport> {
-    ensure!(
-        loader.folder().classes() == classes,
-        "the data's classes {:?} (in {}) differ from the model's {:?}",
-        loader.folder().classes(),
-        loader.folder().root().display(),
-        classes
-    );
-    let mut r = EvalReport::new(classes, "images");
-    let mut it = loader.epoch(0);
-    for b in &mut it {
-        let b = b?;
-        if b.batch == 0 {
-            continue;
-        }
-        let z = logits(&b.patches, b.batch)?;
-        r.add(&z, &b.labels)?;
-    }
-    r.skipped = it.skipped();
-    ensure!(
-        r.total() > 0,
-        "no readable image in {}",
-        loader.folder().root().display()
-    );
-    Ok(r)
+    megalodon_core::nn::classifier::evaluate(loader, classes, "images", |b| {
+        logits(&b.values, b.batch)
+    })
 }

@@ -16,21 +16,23 @@
 //! * [`patches`]: square images to raster-ordered `P·P·C` patches.
 //! * [`loader`]: seeded epochs of patchified batches, decoded in parallel and prefetched,
 //!   resumable at a batch index; unreadable images reported, skipped and counted.
-//! * [`rng`]: the small seeded generator behind the shuffles and augmentations.
+//! * [`rng`]: the core's seeded generator behind the shuffles and augmentations.
 //!
 //! ```no_run
-//! use megalodon_vision::{DatasetSplits, Loader, LoaderConfig, Normalize, Transform, ColorMode};
+//! use megalodon_vision::{
+//!     ColorMode, DatasetSplits, Loader, LoaderConfig, Normalize, Patches, Transform,
+//! };
 //! # fn main() -> anyhow::Result<()> {
 //! let data = DatasetSplits::open("data/fashion-mnist", None, 0)?;
 //! let transform = Transform::train(28)
 //!     .with_color(ColorMode::Gray)
 //!     .with_normalize(Normalize::fashion_mnist());
-//! let mut cfg = LoaderConfig::new(transform, 4, 64); // patch 4, batch 64
+//! let mut cfg = LoaderConfig::new(Patches::new(transform, 4), 64); // patch 4, batch 64
 //! cfg.seed = 1;
 //! let loader = Loader::new(data.train, cfg)?;
 //! let mut batches = loader.epoch(0);
 //! for batch in &mut batches {
-//!     let batch = batch?; // batch.patches: batch.batch x loader.tokens() x loader.patch_dim()
+//!     let batch = batch?; // batch.values: batch.batch x tokens() x patch_dim() of loader.decode()
 //! #   let _ = batch;
 //! }
 //! println!("skipped {} unreadable images", batches.skipped());
@@ -50,8 +52,8 @@ pub mod train;
 pub mod transforms;
 
 pub use eval::{evaluate, EvalReport};
-pub use image_folder::{load_rgb, DatasetSplits, ImageFolder, Sample, IMAGE_EXTENSIONS};
-pub use loader::{Batch, EpochIter, Loader, LoaderConfig};
+pub use image_folder::{load_rgb, DatasetSplits, ImageFolder, Images, Sample, IMAGE_EXTENSIONS};
+pub use loader::{Batch, EpochIter, Loader, LoaderConfig, Patches};
 pub use model::{
     load_conf, param_count, FashionSmall, ImageClassifier, ImageNetMegalodon, VisionConf,
     VisionModel, VisionPreset, FASHION_SMALL, IMAGENET,

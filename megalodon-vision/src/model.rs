@@ -27,7 +27,7 @@ use image::DynamicImage;
 use megalodon_core::checkpoint::{self, Buffer, HasBuffers};
 use megalodon_core::config::ModelConf;
 use megalodon_core::device::MegaDevice;
-use megalodon_core::fit::Trainable;
+use megalodon_core::fit::{load_trained, Trainable};
 use megalodon_core::nn::classifier::{class_cross_entropy, softmax_rows, ClassHead, ClassLogits};
 use megalodon_core::nn::layers::{normal_vec, Linear};
 use megalodon_core::params::{join, ParamVisitor, Params};
@@ -392,9 +392,7 @@ impl<
     /// Replaces the head by a freshly initialised one for `classes` (fine-tuning on other
     /// classes).
     pub fn reset_head(&mut self, classes: Vec<String>, seed: u64) -> Result<()> {
-        let dev = self.head.weight.device().clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        self.head = ClassHead::new(&dev, &mut rng, classes.len())?;
+        self.head.reinit(classes.len(), seed)?;
         self.conf.classes = classes;
         Ok(())
     }
@@ -402,15 +400,7 @@ impl<
     /// Loads a run directory on `dev`: a run's `out` folder (its latest checkpoint is used) or
     /// a checkpoint folder holding `config.json` and `model.safetensors`.
     pub fn load_on(dev: &D, run: impl AsRef<Path>) -> Result<Self> {
-        let run = run.as_ref();
-        let dir = resolve_run(run)?;
-        let conf: VisionConf = checkpoint::load_json(&dir)
-            .with_context(|| format!("{} is not a vision run", run.display()))?;
-        let mut model = Self::new(dev, conf, 0)
-            .with_context(|| format!("building the model of {}", dir.display()))?;
-        checkpoint::load_run_weights(&dir, &mut model)
-            .with_context(|| format!("loading the weights of {}", dir.display()))?;
-        Ok(model)
+        load_trained(run.as_ref(), "a vision run", |conf| Self::new(dev, conf, 0))
     }
 
     /// Class names.
@@ -648,25 +638,26 @@ impl<
             b.skipped
         );
         ensure!(
-            b.patch_dim == PD,
-            "batch patches have {} values, the model takes {PD} (patch {P}, {C} channel(s))",
-            b.patch_dim
+            b.row_len.is_multiple_of(PD),
+            "batch rows have {} values, not a whole number of patches of {PD} values (patch {P}, \
+             {C} channel(s))",
+            b.row_len
         );
+        let tokens = b.row_len / PD;
         let want = b
             .batch
-            .checked_mul(b.tokens)
-            .and_then(|n| n.checked_mul(PD))
+            .checked_mul(b.row_len)
             .context("batch size overflows")?;
         ensure!(
-            b.patches.len() == want,
+            b.values.len() == want,
             "batch holds {} values, expected {want}",
-            b.patches.len()
+            b.values.len()
         );
         let dev = self.head.weight.device().clone();
         let x = dev
             .tensor_from_vec(
-                b.patches.iter().map(|&v| c::<E>(v as f64)).collect(),
-                (b.batch, b.tokens, Const::<PD>),
+                b.values.iter().map(|&v| c::<E>(v as f64)).collect(),
+                (b.batch, tokens, Const::<PD>),
             )
             .traced(grads);
         class_cross_entropy(self.logits(x)?, &b.labels)

@@ -1,91 +1,13 @@
-//! Feeding the core's training loop: optimizer step `s` (1-based) takes batch
-//! `(s - 1) % batches_per_epoch` of epoch `(s - 1) / batches_per_epoch`, a pure function of the
-//! step, so a resumed run sees the batches of the uninterrupted one (the loader's content
-//! depends only on seed, epoch and batch index).
+//! Feeding the core's training loop: [`StepBatches`] (the core's, over the image [`Loader`])
+//! maps optimizer steps to batches as a pure function of the step, so a resumed run sees the
+//! batches of the uninterrupted one; [`train_transform`] is the training augmentation.
+//!
+//! [`Loader`]: crate::loader::Loader
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 
-use crate::loader::{Batch, EpochIter, Loader};
-
-/// Batches by step number over a [`Loader`], keeping one prefetching [`EpochIter`] open while
-/// the steps are consecutive (a jump, e.g. on resume, restarts it at the right batch).
-pub struct StepBatches {
-    loader: Loader,
-    per_epoch: usize,
-    iter: Option<EpochIter>,
-    /// `(epoch, batch index)` the open iterator yields next.
-    next: (u64, usize),
-}
-
-impl StepBatches {
-    /// Errors when the loader has no batch per epoch.
-    pub fn new(loader: Loader) -> Result<Self> {
-        let per_epoch = loader.batches_per_epoch();
-        ensure!(
-            per_epoch > 0,
-            "{} yields no batch per epoch (fewer images than one batch with drop_last?)",
-            loader.folder().root().display()
-        );
-        Ok(Self {
-            loader,
-            per_epoch,
-            iter: None,
-            next: (0, 0),
-        })
-    }
-
-    /// Batches per epoch.
-    pub fn per_epoch(&self) -> usize {
-        self.per_epoch
-    }
-
-    /// The loader.
-    pub fn loader(&self) -> &Loader {
-        &self.loader
-    }
-
-    /// `(epoch, batch index)` of 1-based step `step` (`step >= 1`).
-    pub fn position(&self, step: u64) -> Result<(u64, usize)> {
-        ensure!(step >= 1, "steps are numbered from 1");
-        let s = step - 1;
-        let n = self.per_epoch as u64;
-        Ok((s / n, usize::try_from(s % n).context("batch index")?))
-    }
-
-    /// The batch of step `step`.
-    pub fn get(&mut self, step: u64) -> Result<Batch> {
-        let (epoch, index) = self.position(step)?;
-        let open_epoch = self.iter.as_ref().map(EpochIter::epoch);
-        if open_epoch != Some(epoch) || self.next != (epoch, index) {
-            self.iter = Some(self.loader.epoch_from(epoch, index)?);
-        }
-        let it = self.iter.as_mut().context("epoch iterator")?;
-        let b = it
-            .next()
-            .with_context(|| format!("epoch {epoch} ended before batch {index}"))??;
-        ensure!(
-            b.epoch == epoch && b.index == index,
-            "loader yielded batch {} of epoch {}, expected batch {index} of epoch {epoch}",
-            b.index,
-            b.epoch
-        );
-        self.next = if index + 1 == self.per_epoch {
-            (epoch + 1, 0)
-        } else {
-            (epoch, index + 1)
-        };
-        Ok(b)
-    }
-
-    /// Images skipped so far in the epoch being iterated (since its iterator was opened), with
-    /// their paths.
-    pub fn epoch_skipped(&self) -> (usize, Vec<std::path::PathBuf>) {
-        self.iter
-            .as_ref()
-            .map(|it| (it.skipped(), it.skipped_files().to_vec()))
-            .unwrap_or_default()
-    }
-}
+/// Batches by step number over the image loader (see [`megalodon_core::data::StepBatches`]).
+pub type StepBatches = megalodon_core::data::StepBatches<crate::loader::Patches>;
 
 /// Training augmentation strength (`--augment`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -300,10 +300,14 @@ fn canonicalize_header(path: &Path) -> Result<()> {
     f.read_exact(&mut header).with_context(ctx)?;
     let mut value: serde_json::Value = serde_json::from_slice(&header).with_context(ctx)?;
     let Some(top) = value.as_object_mut() else {
-        bail!("{}: the safetensors header is not a JSON object", path.display());
+        bail!(
+            "{}: the safetensors header is not a JSON object",
+            path.display()
+        );
     };
     if let Some(serde_json::Value::Object(meta)) = top.get_mut("__metadata__") {
-        let sorted: BTreeMap<String, serde_json::Value> = std::mem::take(meta).into_iter().collect();
+        let sorted: BTreeMap<String, serde_json::Value> =
+            std::mem::take(meta).into_iter().collect();
         meta.extend(sorted);
     }
     let mut canonical = serde_json::to_vec(&value).with_context(ctx)?;

@@ -93,6 +93,17 @@ pub fn softmax_rows(logits: &[f32], classes: usize) -> Vec<f32> {
     out
 }
 
+impl<const M: usize, E: Float, D: MegaDevice<E>> ClassHead<M, E, D> {
+    /// Replaces the weights by a fresh head for `classes` classes on the same device, seeded
+    /// by `seed` (fine-tuning a trained encoder on other classes).
+    pub fn reinit(&mut self, classes: usize, seed: u64) -> Result<()> {
+        use rand::SeedableRng;
+        let dev = self.weight.device().clone();
+        *self = Self::new(&dev, &mut rand::rngs::StdRng::seed_from_u64(seed), classes)?;
+        Ok(())
+    }
+}
+
 impl<const M: usize, E: Float, D: Device<E>> Params<E, D> for ClassHead<M, E, D> {
     fn visit_params<V: ParamVisitor<E, D>>(&mut self, prefix: &str, v: &mut V) -> Result<()> {
         v.visit(&join(prefix, "weight"), &mut self.weight)?;
@@ -271,4 +282,43 @@ fn ratio(a: u64, b: u64) -> f64 {
     } else {
         a as f64 / b as f64
     }
+}
+
+/// Runs every batch of epoch 0 of `loader` (use an unshuffled, unaugmented loader) through
+/// `logits` (a batch to its `batch × classes` host logits) and counts the results, the
+/// evaluation every classifier head shares. `classes` are the model's class names; the loader's
+/// folder must have the same labels. Errors when no file could be read or the logits have the
+/// wrong size. `unit` names one input in the summary (`images`, `clips`).
+pub fn evaluate<P: crate::data::Decode>(
+    loader: &crate::data::Loader<P>,
+    classes: &[String],
+    unit: &'static str,
+    mut logits: impl FnMut(&crate::data::Batch) -> Result<Vec<f32>>,
+) -> Result<ClassReport> {
+    let folder = loader.folder();
+    ensure!(
+        folder.labels() == classes,
+        "the data's classes {:?} (in {}) differ from the model's {:?}",
+        folder.labels(),
+        folder.root().display(),
+        classes
+    );
+    let start = std::time::Instant::now();
+    let mut r = ClassReport::new(classes, unit);
+    let mut it = loader.epoch(0);
+    for b in &mut it {
+        let b = b?;
+        if b.batch > 0 {
+            r.add(&logits(&b)?, &b.labels)?;
+        }
+    }
+    r.skipped = it.skipped();
+    r.seconds = start.elapsed().as_secs_f64();
+    ensure!(
+        r.total() > 0,
+        "no readable {} file in {}",
+        <P::Kind as crate::data::FileKind>::WHAT,
+        folder.root().display()
+    );
+    Ok(r)
 }

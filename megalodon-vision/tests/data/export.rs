@@ -73,7 +73,7 @@ fn export_helper_writes_a_readable_image_folder() {
 
     let data = DatasetSplits::open(&out, None, 0).unwrap();
     assert_eq!(
-        data.train.classes(),
+        data.train.labels(),
         &[
             "0-t-shirt-top",
             "1-trouser",
@@ -132,9 +132,9 @@ fn export_helper_writes_a_readable_image_folder() {
 fn real_fashion_mnist_export() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist");
     let data = DatasetSplits::open(&root, None, 0).unwrap();
-    assert_eq!(data.train.num_classes(), 10);
-    assert_eq!(data.train.class_counts(), vec![6000; 10]);
-    assert_eq!(data.val.class_counts(), vec![1000; 10]);
+    assert_eq!(data.train.num_labels(), 10);
+    assert_eq!(data.train.label_counts(), vec![6000; 10]);
+    assert_eq!(data.val.label_counts(), vec![1000; 10]);
     let im = load_rgb(&data.val.samples()[0].path).unwrap();
     assert_eq!(im.dimensions(), (28, 28));
 }

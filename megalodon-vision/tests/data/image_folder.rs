@@ -22,9 +22,9 @@ fn scan_sorts_classes_and_labels_mixed_formats() {
     fs::write(root.join("notes.txt"), "top-level file, not a class").unwrap();
 
     let f = ImageFolder::scan(root).unwrap();
-    assert_eq!(f.classes(), &["a_cat", "b_dog", "c_bird"]);
-    assert_eq!(f.num_classes(), 3);
-    assert_eq!(f.class_counts(), vec![2, 2, 2]);
+    assert_eq!(f.labels(), &["a_cat", "b_dog", "c_bird"]);
+    assert_eq!(f.num_labels(), 3);
+    assert_eq!(f.label_counts(), vec![2, 2, 2]);
     assert_eq!(f.len(), 6);
     let names: Vec<(String, usize)> = f
         .samples()
@@ -144,7 +144,7 @@ fn scan_errors_name_the_path() {
     fs::write(noimg.join("b/notes.txt"), "x").unwrap();
     fs::write(noimg.join("b/data.gif"), "x").unwrap();
     let e = ImageFolder::scan(&noimg).unwrap_err();
-    assert!(err_has(&e, "no readable image"), "{e:#}");
+    assert!(err_has(&e, "no image file"), "{e:#}");
     assert!(err_has(&e, &noimg.join("b").display().to_string()), "{e:#}");
 }
 
@@ -155,10 +155,10 @@ fn train_val_layout_and_its_errors() {
     make_tree(&root.join("train"), &[("cat", 4), ("dog", 3)], 4);
     make_tree(&root.join("val"), &[("cat", 1), ("dog", 2)], 4);
     let s = DatasetSplits::open(root, None, 0).unwrap();
-    assert_eq!(s.train.classes(), &["cat", "dog"]);
-    assert_eq!(s.val.classes(), &["cat", "dog"]);
-    assert_eq!(s.train.class_counts(), vec![4, 3]);
-    assert_eq!(s.val.class_counts(), vec![1, 2]);
+    assert_eq!(s.train.labels(), &["cat", "dog"]);
+    assert_eq!(s.val.labels(), &["cat", "dog"]);
+    assert_eq!(s.train.label_counts(), vec![4, 3]);
+    assert_eq!(s.val.label_counts(), vec![1, 2]);
 
     // A val split given with train/ cuts train/ and ignores val/.
     let s = DatasetSplits::open(root, Some(0.5), 0).unwrap();
@@ -203,8 +203,8 @@ fn split_is_stratified_deterministic_and_disjoint() {
     assert_eq!(s1.val.samples(), s2.val.samples());
     assert_eq!(s1.train.samples(), s2.train.samples());
     // round(10*.2)=2, round(20*.2)=4, round(3*.2)=1 (at least one), a single image stays in train.
-    assert_eq!(s1.val.class_counts(), vec![2, 4, 1, 0]);
-    assert_eq!(s1.train.class_counts(), vec![8, 16, 2, 1]);
+    assert_eq!(s1.val.label_counts(), vec![2, 4, 1, 0]);
+    assert_eq!(s1.train.label_counts(), vec![8, 16, 2, 1]);
     assert_ne!(
         s1.val.samples(),
         s3.val.samples(),

@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use megalodon_vision::{Batch, ColorMode, ImageFolder, Loader, LoaderConfig, Normalize, Transform};
+use megalodon_vision::{
+    Batch, ColorMode, ImageFolder, Loader, LoaderConfig, Normalize, Patches, Transform,
+};
 
 use crate::common::*;
 
@@ -12,7 +14,7 @@ fn tree(root: &Path) -> ImageFolder {
 }
 
 fn config(transform: Transform) -> LoaderConfig {
-    let mut cfg = LoaderConfig::new(transform, 4, 4);
+    let mut cfg = LoaderConfig::new(Patches::new(transform, 4), 4);
     cfg.seed = 42;
     cfg.warn = false;
     cfg
@@ -30,7 +32,10 @@ fn epochs_are_deterministic_and_cover_every_image() {
     cfg.threads = 3;
     cfg.prefetch = 2;
     let loader = Loader::new(folder.clone(), cfg.clone()).unwrap();
-    assert_eq!((loader.tokens(), loader.patch_dim()), (4, 48));
+    assert_eq!(
+        (loader.decode().tokens(), loader.decode().patch_dim()),
+        (4, 48)
+    );
     assert_eq!(loader.batches_per_epoch(), 5); // 18 images in batches of 4
 
     let a = collect(&loader, 0);
@@ -51,13 +56,13 @@ fn epochs_are_deterministic_and_cover_every_image() {
     let mut seen: Vec<usize> = Vec::new();
     for (i, batch) in a.iter().enumerate() {
         assert_eq!((batch.index, batch.epoch, batch.skipped), (i, 0, 0));
-        assert_eq!(batch.patches.len(), batch.batch * 4 * 48);
-        assert!(batch.patches.iter().all(|v| v.is_finite()));
+        assert_eq!(batch.values.len(), batch.batch * 4 * 48);
+        assert!(batch.values.iter().all(|v| v.is_finite()));
         assert_eq!(batch.labels.len(), batch.batch);
-        for (&s, &l) in batch.samples.iter().zip(&batch.labels) {
+        for (&s, &l) in batch.ids.iter().zip(&batch.labels) {
             assert_eq!(folder.samples()[s].label, l);
         }
-        seen.extend(&batch.samples);
+        seen.extend(&batch.ids);
     }
     let order = loader.order(0);
     assert_eq!(seen, order);
@@ -88,7 +93,7 @@ fn eval_order_drop_last_and_gray() {
     cfg.shuffle = false;
     cfg.drop_last = true;
     let loader = Loader::new(folder, cfg).unwrap();
-    assert_eq!(loader.patch_dim(), 16);
+    assert_eq!(loader.decode().patch_dim(), 16);
     assert_eq!(loader.batches_per_epoch(), 4);
     let batches = collect(&loader, 3);
     assert_eq!(batches.len(), 4);
@@ -144,7 +149,7 @@ fn bad_images_are_skipped_and_counted() {
     let batches: Vec<Batch> = (&mut it).map(|b| b.unwrap()).collect();
     assert_eq!(batches.len(), 4);
     assert_eq!(it.skipped(), 4);
-    assert_eq!(it.images(), 10);
+    assert_eq!(it.rows(), 10);
     assert_eq!(batches.iter().map(|b| b.skipped).sum::<usize>(), 4);
     let mut names: Vec<String> = it
         .skipped_files()
@@ -172,10 +177,10 @@ fn bad_images_are_skipped_and_counted() {
     assert_eq!(it1.skipped(), 4);
     for b in &batches {
         assert_eq!(
-            b.patches.len(),
-            b.batch * loader.tokens() * loader.patch_dim()
+            b.values.len(),
+            b.batch * loader.decode().tokens() * loader.decode().patch_dim()
         );
-        for &s in &b.samples {
+        for &s in &b.ids {
             let name = folder.samples()[s]
                 .path
                 .file_name()
@@ -213,12 +218,20 @@ fn no_readable_image_at_all_is_an_error() {
 fn config_errors() {
     let dir = tempfile::tempdir().unwrap();
     let folder = tree(dir.path());
-    let e = Loader::new(folder.clone(), LoaderConfig::new(Transform::eval(10), 4, 2)).unwrap_err();
+    let e = Loader::new(
+        folder.clone(),
+        LoaderConfig::new(Patches::new(Transform::eval(10), 4), 2),
+    )
+    .unwrap_err();
     assert!(err_has(&e, "not a positive multiple"), "{e:#}");
-    assert!(Loader::new(folder.clone(), LoaderConfig::new(Transform::eval(8), 4, 0)).is_err());
+    assert!(Loader::new(
+        folder.clone(),
+        LoaderConfig::new(Patches::new(Transform::eval(8), 4), 0)
+    )
+    .is_err());
     let chw = Transform::eval(8).with_layout(megalodon_vision::Layout::Chw);
-    assert!(Loader::new(folder.clone(), LoaderConfig::new(chw, 4, 2)).is_err());
-    let mut cfg = LoaderConfig::new(Transform::eval(8), 4, 2);
+    assert!(Loader::new(folder.clone(), LoaderConfig::new(Patches::new(chw, 4), 2)).is_err());
+    let mut cfg = LoaderConfig::new(Patches::new(Transform::eval(8), 4), 2);
     cfg.prefetch = 0;
     assert!(Loader::new(folder, cfg).is_err());
 }
