@@ -113,6 +113,31 @@ pub struct Dims {
     pub norm_num_groups: usize,
 }
 
+impl Dims {
+    /// The widths of a type with const generics `<L, M, Z, V, H, F, N, G>` (docs/design.md §0).
+    pub const fn of<
+        const L: usize,
+        const M: usize,
+        const Z: usize,
+        const V: usize,
+        const H: usize,
+        const F: usize,
+        const N: usize,
+        const G: usize,
+    >() -> Self {
+        Self {
+            num_layers: L,
+            model_dim: M,
+            z_dim: Z,
+            value_dim: V,
+            num_heads: H,
+            ffn_hidden_dim: F,
+            cema_ndim: N,
+            norm_num_groups: G,
+        }
+    }
+}
+
 impl ModelConf {
     /// A config with the given compile-time widths and the official defaults elsewhere.
     pub fn from_dims(d: Dims, chunk_size: usize, vocab_size: usize) -> Self {

@@ -55,16 +55,7 @@ impl<
     > Backbone<L, M, Z, V, H, F, N, G, E, D>
 {
     /// The compile-time widths of this type.
-    pub const DIMS: Dims = Dims {
-        num_layers: L,
-        model_dim: M,
-        z_dim: Z,
-        value_dim: V,
-        num_heads: H,
-        ffn_hidden_dim: F,
-        cema_ndim: N,
-        norm_num_groups: G,
-    };
+    pub const DIMS: Dims = Dims::of::<L, M, Z, V, H, F, N, G>();
 
     /// A config with this type's widths, no vocabulary, and the given chunk size.
     pub fn default_conf(chunk_size: usize) -> ModelConf {
