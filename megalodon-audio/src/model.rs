@@ -510,8 +510,7 @@ pub use megalodon_core::fit::resolve_run;
 
 /// Reads the [`AudioConf`] of a run directory (see [`resolve_run`]).
 pub fn load_conf(run: &Path) -> Result<AudioConf> {
-    let dir = resolve_run(run)?;
-    checkpoint::load_json(&dir).with_context(|| format!("{} is not an audio run", run.display()))
+    megalodon_core::fit::load_run_config(run, "an audio run")
 }
 
 impl<
@@ -550,19 +549,11 @@ impl<
     > HasBuffers for SpeechClassifier<FL, L, M, Z, V, H, F, N, G, E, D>
 {
     fn buffers(&self) -> Vec<(String, Buffer)> {
-        self.encoder
-            .buffers()
-            .into_iter()
-            .map(|(k, b)| (join("encoder", &k), b))
-            .collect()
+        checkpoint::nested_buffers("encoder", &self.encoder)
     }
 
     fn aliases(&self) -> Vec<(String, String)> {
-        self.encoder
-            .aliases()
-            .into_iter()
-            .map(|(a, k)| (join("encoder", &a), join("encoder", &k)))
-            .collect()
+        checkpoint::nested_aliases("encoder", &self.encoder)
     }
 }
 

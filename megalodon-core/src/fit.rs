@@ -253,6 +253,13 @@ pub fn resolve_run(run: &Path) -> Result<PathBuf> {
     Ok(run.to_path_buf())
 }
 
+/// The head config (`config.json`) of a run folder or checkpoint folder (see [`resolve_run`]);
+/// `what` names the kind of run in the error when it does not parse (`"an audio run"`).
+pub fn load_run_config<C: serde::de::DeserializeOwned>(run: &Path, what: &str) -> Result<C> {
+    let dir = resolve_run(run)?;
+    crate::checkpoint::load_json(&dir).with_context(|| format!("{} is not {what}", run.display()))
+}
+
 /// Builds the model of a run from its `config.json` (with `build`) and loads its weights: `run`
 /// is a training output folder (its latest checkpoint is used) or a checkpoint folder. `what`
 /// names the kind of run in the error when the config does not parse (`"a vision run"`).
@@ -268,8 +275,7 @@ where
     M: Params<E, D> + HasBuffers,
 {
     let dir = resolve_run(run)?;
-    let conf: C = crate::checkpoint::load_json(&dir)
-        .with_context(|| format!("{} is not {what}", run.display()))?;
+    let conf: C = load_run_config(run, what)?;
     let mut model =
         build(conf).with_context(|| format!("building the model of {}", dir.display()))?;
     crate::checkpoint::load_run_weights(&dir, &mut model)

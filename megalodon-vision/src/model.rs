@@ -539,8 +539,7 @@ pub use megalodon_core::fit::resolve_run;
 
 /// Reads the [`VisionConf`] of a run directory (see [`resolve_run`]).
 pub fn load_conf(run: &Path) -> Result<VisionConf> {
-    let dir = resolve_run(run)?;
-    checkpoint::load_json(&dir).with_context(|| format!("{} is not a vision run", run.display()))
+    megalodon_core::fit::load_run_config(run, "a vision run")
 }
 
 impl<
@@ -586,19 +585,11 @@ impl<
     > HasBuffers for ImageClassifier<P, C, PD, L, M, Z, V, H, F, N, G, E, D>
 {
     fn buffers(&self) -> Vec<(String, Buffer)> {
-        self.encoder
-            .buffers()
-            .into_iter()
-            .map(|(k, b)| (join("encoder", &k), b))
-            .collect()
+        checkpoint::nested_buffers("encoder", &self.encoder)
     }
 
     fn aliases(&self) -> Vec<(String, String)> {
-        self.encoder
-            .aliases()
-            .into_iter()
-            .map(|(a, k)| (join("encoder", &a), join("encoder", &k)))
-            .collect()
+        checkpoint::nested_aliases("encoder", &self.encoder)
     }
 }
 

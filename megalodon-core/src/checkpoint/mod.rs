@@ -94,6 +94,26 @@ pub trait HasBuffers {
     }
 }
 
+/// `inner`'s buffers with their keys under `prefix`, for a model that holds another (a
+/// classifier's `encoder`).
+pub fn nested_buffers(prefix: &str, inner: &impl HasBuffers) -> Vec<(String, Buffer)> {
+    inner
+        .buffers()
+        .into_iter()
+        .map(|(k, b)| (crate::params::join(prefix, &k), b))
+        .collect()
+}
+
+/// `inner`'s aliases with both keys under `prefix` (see [`nested_buffers`]).
+pub fn nested_aliases(prefix: &str, inner: &impl HasBuffers) -> Vec<(String, String)> {
+    let j = |k: &str| crate::params::join(prefix, k);
+    inner
+        .aliases()
+        .into_iter()
+        .map(|(a, k)| (j(&a), j(&k)))
+        .collect()
+}
+
 // ------------------------------------------------------------------------------------------
 // Atomic file writing
 // ------------------------------------------------------------------------------------------
