@@ -158,6 +158,10 @@ fn preset_of(p: PresetArg) -> &'static AudioPreset {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    megalodon::cli::run_distributed(|| run(cli))
+}
+
+fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Train { preset, .. } => match preset {
             PresetArg::SpeechCpu => run_train::<Cpu16>(&cli.cmd),

@@ -202,7 +202,12 @@ struct CompareArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    megalodon::cli::run_distributed(|| run(cli))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::Train(a) => train(a),
         Cmd::Generate(a) => {
             let preset = Preset::of_run(&a.run)?;
@@ -248,7 +253,10 @@ fn train(a: TrainArgs) -> Result<()> {
 fn train_preset<P: TextModel>(a: &TrainArgs, o: &TrainOptions) -> Result<()> {
     let mut bar: Option<Bar> = None;
     let t0 = std::time::Instant::now();
+    // the other ranks of a data-parallel run train silently
+    let lead = megalodon::cli::is_lead();
     let (lm, report) = megalodon_text::train::<P>(o, |ev| match ev {
+        _ if !lead => Ok(()),
         TrainEvent::Ready(info) => {
             println!(
                 "corpus {}: {} train bytes -> {} tokens, {} validation bytes -> {} tokens ({} scored per evaluation)",
@@ -299,6 +307,9 @@ fn train_preset<P: TextModel>(a: &TrainArgs, o: &TrainOptions) -> Result<()> {
     })?;
     if let Some(b) = &bar {
         b.finish();
+    }
+    if !lead {
+        return Ok(());
     }
     let info = &report.info;
     match report.val_loss {

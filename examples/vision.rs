@@ -123,6 +123,10 @@ type Big = ImageNetMegalodon<f32, Cpu>;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    megalodon::cli::run_distributed(|| run(cli))
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train { preset, .. } => match preset {
             PresetArg::FashionSmall => train::<Small>(&cli.cmd, &FASHION_SMALL),

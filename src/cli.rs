@@ -50,6 +50,9 @@ impl TrainFlags {
         if self.batch == Some(0) {
             bail!("--batch must be at least 1");
         }
+        if let Some(b) = self.batch {
+            check_global_batch(b)?;
+        }
         if let Some(lr) = self.lr {
             if !(lr.is_finite() && lr > 0.0) {
                 bail!("--lr must be a positive number, got {lr}");
@@ -64,6 +67,37 @@ impl TrainFlags {
         }
         Ok(())
     }
+}
+
+/// Runs a CLI's work as one rank of a data-parallel run when `mpirun` started this process and
+/// the binary has the `mpi` feature (MPI is initialised, and an error on any rank aborts them
+/// all), else alone. A binary without the feature refuses to run under `mpirun -np N > 1`.
+pub fn run_distributed<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
+    megalodon_core::distributed::check_not_launched_without_mpi()?;
+    #[cfg(feature = "mpi")]
+    if megalodon_core::distributed::launched_by_mpirun() {
+        let guard = megalodon_core::distributed::init_mpi()?;
+        let result = body();
+        return guard.finish(result);
+    }
+    body()
+}
+
+/// Whether this process is rank 0 (the one that prints and writes) of its run.
+pub fn is_lead() -> bool {
+    megalodon_core::distributed::world().rank() == 0
+}
+
+/// Checks that the global batch `batch` (`--batch`) splits evenly across the ranks of the run.
+pub fn check_global_batch(batch: usize) -> Result<()> {
+    let ranks = megalodon_core::distributed::world().size();
+    if !batch.is_multiple_of(ranks) {
+        bail!(
+            "--batch {batch} is the global batch: it must be a multiple of the {ranks} ranks \
+             (each takes batch / ranks rows)"
+        );
+    }
+    Ok(())
 }
 
 /// Accepts `cpu`; `cuda` needs a build with the `cuda` feature (an error says so).

@@ -20,7 +20,7 @@ use crate::device::MegaDevice;
 use crate::nn::model::{cross_entropy, Megalodon};
 use crate::optim::{AdamW, OptimConf};
 use crate::params::{alloc_grads, Params};
-use crate::util::Float;
+use crate::util::{c, Float};
 use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use serde::Serialize;
@@ -51,8 +51,17 @@ pub trait Trainable<E: Float, D: MegaDevice<E>>: Params<E, D> + HasBuffers {
         grads: Gradients<E, D>,
     ) -> Result<Tensor<Rank0, E, D, OwnedTape<E, D>>>;
 
-    /// How many tokens (or examples) `batch` holds, added to `TrainState::tokens_seen`.
+    /// How many tokens (or examples) `batch` holds, added to `TrainState::tokens_seen`; also a
+    /// shard's weight when the ranks of a data-parallel run average their gradients.
     fn batch_len(batch: &Self::Batch) -> u64;
+
+    /// Rank `part`'s shard (of `parts`) of a global batch, for data-parallel training
+    /// ([`crate::distributed`]): contiguous rows, see [`crate::distributed::shard_range`]. The
+    /// default refuses, so a head that does not implement it trains on one rank only.
+    fn shard(batch: &Self::Batch, part: usize, parts: usize) -> Result<Self::Batch> {
+        let _ = batch;
+        bail!("this model's batches cannot be split across ranks (rank {part} of {parts})")
+    }
 }
 
 /// One language-model batch: row-major `tokens (B x T)` and next-token `targets` (`None` =
@@ -96,6 +105,24 @@ impl<
 
     fn batch_len(batch: &Batch) -> u64 {
         (batch.batch as u64).saturating_mul(batch.seq_len as u64)
+    }
+
+    /// Whole rows; the global batch must split evenly (every rank the same number of rows).
+    fn shard(b: &Batch, part: usize, parts: usize) -> Result<Batch> {
+        ensure!(
+            parts > 0 && b.batch.is_multiple_of(parts),
+            "a global batch of {} rows cannot be split evenly across {parts} ranks: give a batch \
+             size that is a multiple of the rank count",
+            b.batch
+        );
+        let (lo, hi) = crate::distributed::shard_range(b.batch, part, parts)?;
+        let t = b.seq_len;
+        Ok(Batch {
+            tokens: b.tokens[lo * t..hi * t].to_vec(),
+            targets: b.targets[lo * t..hi * t].to_vec(),
+            batch: hi - lo,
+            seq_len: t,
+        })
     }
 }
 
@@ -399,6 +426,16 @@ pub fn fit<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
 /// [`fit`] with a [`Progress`] that sees every step and is asked for the validation loss every
 /// `conf.eval_every` steps and at the last step (recorded in `metrics.csv` and the training
 /// state's best validation loss).
+///
+/// **Data-parallel.** When the calling thread's [`crate::distributed::world`] has more than one
+/// rank (e.g. under `mpirun -np N` with the `mpi` feature), every rank runs this same call with
+/// the same model, seed and data: `data(step)` gives the *global* batch, each rank trains on its
+/// shard ([`Trainable::shard`]), and gradients and losses are averaged over the ranks (weighted
+/// by [`Trainable::batch_len`]) before the one AdamW step every rank applies, so parameters stay
+/// identical (checked every [`SYNC_CHECK_EVERY`] steps and at the end by a checksum). The ranks
+/// must have been started with the same settings (checked at the start). Rank 0 alone writes
+/// the run directory, reports progress and runs validation; the other ranks read its
+/// checkpoint on resume, so the run directory must be on a file system every rank sees.
 pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
     model: &mut M,
     optim: OptimConf,
@@ -407,6 +444,9 @@ pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
     progress: &mut impl Progress<M>,
 ) -> Result<Vec<StepLog>> {
     optim.validate()?;
+    let world = crate::distributed::world();
+    let (rank, ranks) = (world.rank(), world.size());
+    let lead = rank == 0;
     let mut opt = AdamW::<E, D>::new(optim.clone());
     let mut state = TrainState {
         seed: conf.seed,
@@ -419,8 +459,15 @@ pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
         data: conf.data.clone(),
         config: serde_json::to_value(model.config()).context("serializing the model config")?,
     };
-    let mut metrics = match &conf.out {
-        Some(out) => {
+    if ranks > 1 {
+        check_same_everywhere(
+            &*world,
+            &settings,
+            "settings (model config, data, seed, steps or optimizer)",
+        )?;
+    }
+    let mut metrics = match (&conf.out, lead) {
+        (Some(out), true) => {
             let resumed = open_run(out, conf, &settings, model, &mut opt)?;
             let path = out.join(METRICS_FILE);
             if let Some(s) = resumed {
@@ -435,15 +482,53 @@ pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
                 .with_context(|| format!("opening {}", path.display()))?;
             Some((f, path))
         }
-        None => None,
+        _ => None,
     };
+    if ranks > 1 {
+        // rank 0 has opened the run directory: the others take the step it resumed from
+        let mut step = [state.step as f64];
+        world.all_reduce_max(&mut step)?;
+        if !lead && step[0] > 0.0 {
+            let out = conf
+                .out
+                .as_deref()
+                .context("a resumed run has a run directory")?;
+            let dir = latest_checkpoint(out)?.with_context(|| {
+                format!(
+                    "rank 0 resumed {}, which has no checkpoint here",
+                    out.display()
+                )
+            })?;
+            state = load_checkpoint(&dir, model, &mut opt)
+                .with_context(|| format!("rank {rank}: resuming from {}", dir.display()))?;
+        }
+        ensure!(
+            state.step as f64 == step[0],
+            "rank {rank} resumed at step {} but rank 0 at step {}: is the run directory on a file \
+             system every rank sees?",
+            state.step,
+            step[0]
+        );
+        check_params_agree(&*world, model, state.step)?;
+    }
     let mut logs = Vec::new();
     while state.step < conf.steps {
         let batch = data(state.step + 1)?;
-        let mut log = train_step(model, &mut opt, &batch)?;
+        let mut log = if ranks > 1 {
+            data_parallel_step(&*world, model, &mut opt, &batch)?
+        } else {
+            train_step(model, &mut opt, &batch)?
+        };
         state.step = log.step;
         state.tokens_seen = state.tokens_seen.saturating_add(M::batch_len(&batch));
         state.last_loss = Some(log.loss);
+        if ranks > 1 && (state.step.is_multiple_of(SYNC_CHECK_EVERY) || state.step == conf.steps) {
+            check_params_agree(&*world, model, state.step)?;
+        }
+        if !lead {
+            logs.push(log);
+            continue;
+        }
         let eval_due = conf.eval_every > 0
             && (state.step.is_multiple_of(conf.eval_every) || state.step == conf.steps);
         if eval_due {
@@ -477,6 +562,126 @@ pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
         }
     }
     Ok(logs)
+}
+
+/// How often (in steps) a data-parallel run checks that every rank holds the same parameters.
+pub const SYNC_CHECK_EVERY: u64 = 10;
+
+/// One data-parallel step on this rank's shard of the global `batch`: gradients and loss are
+/// summed over the ranks weighted by [`Trainable::batch_len`] of each shard, divided by the
+/// total weight, and applied by the same AdamW step on every rank.
+pub fn data_parallel_step<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
+    world: &dyn crate::distributed::Collective,
+    model: &mut M,
+    opt: &mut AdamW<E, D>,
+    batch: &M::Batch,
+) -> Result<StepLog> {
+    let shard = M::shard(batch, world.rank(), world.size())?;
+    let w = M::batch_len(&shard) as f64;
+    let (loss_v, host) = if w > 0.0 {
+        let grads = alloc_grads(model)?;
+        let loss = model.loss(&shard, grads)?;
+        let loss_v = loss.as_vec()[0].to_f64().unwrap_or(f64::NAN);
+        let mut grads = loss.backward();
+        (loss_v, crate::optim::grads_to_host(model, &mut grads)?)
+    } else {
+        // an empty shard contributes nothing but must still take part in the reduction
+        let mut grads = alloc_grads(model)?;
+        (0.0, crate::optim::grads_to_host(model, &mut grads)?)
+    };
+    let total: usize = host.iter().map(|(_, g)| g.len()).sum();
+    let mut buf = Vec::with_capacity(total + 2);
+    buf.push(loss_v * w);
+    buf.push(w);
+    for (_, g) in &host {
+        buf.extend(g.iter().map(|x| x.to_f64().unwrap_or(f64::NAN) * w));
+    }
+    world.all_reduce_sum(&mut buf)?;
+    let weight = buf[1];
+    ensure!(
+        weight > 0.0,
+        "no rank had any data at step {}",
+        opt.step + 1
+    );
+    let loss = buf[0] / weight;
+    ensure!(
+        loss.is_finite(),
+        "training diverged: loss is {loss} at step {}",
+        opt.step + 1
+    );
+    let mut avg = crate::optim::HostGrads::default();
+    let mut at = 2;
+    for (name, g) in host {
+        let n = g.len();
+        avg.map.insert(
+            name,
+            buf[at..at + n]
+                .iter()
+                .map(|&x| c::<E>(x / weight))
+                .collect(),
+        );
+        at += n;
+    }
+    let lr = opt.next_lr();
+    let info = opt.step(model, &mut avg, lr)?;
+    Ok(StepLog {
+        step: opt.step,
+        loss,
+        lr,
+        grad_norm: info.grad_norm,
+        val_loss: None,
+    })
+}
+
+/// Errors on every rank unless all ranks hold the same `value` (compared by a CRC-32 of its
+/// JSON); `what` names it in the message.
+fn check_same_everywhere(
+    world: &dyn crate::distributed::Collective,
+    value: &impl Serialize,
+    what: &str,
+) -> Result<()> {
+    let text = serde_json::to_string(value).context("serializing the run settings")?;
+    let h = f64::from(crc32fast::hash(text.as_bytes()));
+    let mut m = [h, -h];
+    world.all_reduce_max(&mut m)?;
+    ensure!(
+        m[0] == -m[1],
+        "the ranks were started with different {what}: rank {} has checksum {h}, another {}; \
+         start every rank with the same flags and data",
+        world.rank(),
+        if m[0] != h { m[0] } else { -m[1] }
+    );
+    Ok(())
+}
+
+/// Errors on every rank unless all ranks hold bit-identical parameters (CRC-32 of their values).
+fn check_params_agree<E: Float, D: MegaDevice<E>, M: Params<E, D>>(
+    world: &dyn crate::distributed::Collective,
+    model: &mut M,
+    step: u64,
+) -> Result<()> {
+    struct Sum(crc32fast::Hasher);
+    impl<E: Float, D: Device<E>> crate::params::ParamVisitor<E, D> for Sum {
+        fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> Result<()> {
+            self.0.update(name.as_bytes());
+            for x in t.as_vec() {
+                self.0.update(&x.to_f64().unwrap_or(f64::NAN).to_le_bytes());
+            }
+            Ok(())
+        }
+    }
+    let mut v = Sum(crc32fast::Hasher::new());
+    model.visit_params("", &mut v)?;
+    let h = f64::from(v.0.finalize());
+    let mut m = [h, -h];
+    world.all_reduce_max(&mut m)?;
+    ensure!(
+        m[0] == -m[1],
+        "parameters differ between ranks at step {step} (rank {} checksum {h:08}): the ranks \
+         no longer train the same model",
+        world.rank()
+    );
+    Ok(())
 }
 
 /// Writes a complete checkpoint into `out/ckpt-<step>/`, publishes it in `out/latest`, and then

@@ -134,16 +134,71 @@ fn grad_of<S: Shape, E: Dtype, D: Device<E>>(
     Ok(grads.get(t))
 }
 
-/// Global L2 norm of the gradients of every parameter of `model` (accumulated in f64 over the
-/// per-parameter sums of squares).
-pub fn grad_norm<E: Float, D: Device<E>, M: Params<E, D>>(
+/// Where an optimizer step reads each parameter's gradient: the tape's [`Gradients`], or
+/// [`HostGrads`] (e.g. gradients averaged over the ranks of a data-parallel run).
+pub trait GradSource<E: Dtype, D: Device<E>> {
+    /// The gradient of parameter `name`, `t`.
+    fn grad<S: Shape>(&mut self, name: &str, t: &Tensor<S, E, D>) -> Result<Tensor<S, E, D>>;
+}
+
+impl<E: Dtype, D: Device<E>> GradSource<E, D> for Gradients<E, D> {
+    fn grad<S: Shape>(&mut self, name: &str, t: &Tensor<S, E, D>) -> Result<Tensor<S, E, D>> {
+        grad_of(name, self, t)
+    }
+}
+
+/// Gradients held on the host, by parameter name (flattened in the parameter's layout).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostGrads<E> {
+    /// Parameter name to its gradient's values.
+    pub map: BTreeMap<String, Vec<E>>,
+}
+
+impl<E: Float, D: Device<E>> GradSource<E, D> for HostGrads<E> {
+    fn grad<S: Shape>(&mut self, name: &str, t: &Tensor<S, E, D>) -> Result<Tensor<S, E, D>> {
+        let v = self
+            .map
+            .get(name)
+            .with_context(|| format!("no gradient for parameter `{name}`"))?;
+        let n = t.shape().num_elements();
+        if v.len() != n {
+            bail!(
+                "the gradient of `{name}` has {} values, the parameter {n}",
+                v.len()
+            );
+        }
+        Ok(t.device().tensor_from_vec(v.clone(), *t.shape()))
+    }
+}
+
+/// Every gradient of `model` in visiting order as `(name, values)`, read from the tape.
+pub fn grads_to_host<E: Float, D: Device<E>, M: Params<E, D>>(
     model: &mut M,
     grads: &mut Gradients<E, D>,
-) -> Result<f64> {
-    struct Norm<'a, E: Dtype, D: Device<E>>(&'a mut Gradients<E, D>, f64);
-    impl<E: Float, D: Device<E>> ParamVisitor<E, D> for Norm<'_, E, D> {
+) -> Result<Vec<(String, Vec<E>)>> {
+    struct Collect<'a, E: Dtype, D: Device<E>>(&'a mut Gradients<E, D>, Vec<(String, Vec<E>)>);
+    impl<E: Float, D: Device<E>> ParamVisitor<E, D> for Collect<'_, E, D> {
         fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> Result<()> {
             let g = grad_of(name, &mut *self.0, t)?;
+            self.1.push((name.to_string(), g.as_vec()));
+            Ok(())
+        }
+    }
+    let mut v = Collect(grads, Vec::new());
+    model.visit_params("", &mut v)?;
+    Ok(v.1)
+}
+
+/// Global L2 norm of the gradients of every parameter of `model` (accumulated in f64 over the
+/// per-parameter sums of squares).
+pub fn grad_norm<E: Float, D: Device<E>, M: Params<E, D>, G: GradSource<E, D>>(
+    model: &mut M,
+    grads: &mut G,
+) -> Result<f64> {
+    struct Norm<'a, G>(&'a mut G, f64);
+    impl<E: Float, D: Device<E>, G: GradSource<E, D>> ParamVisitor<E, D> for Norm<'_, G> {
+        fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> Result<()> {
+            let g = self.0.grad(name, t)?;
             let n = g.shape().num_elements();
             let s = g.reshape_like(&(n,)).square().sum::<Rank0, _>();
             self.1 += s.as_vec()[0].to_f64().unwrap_or(f64::NAN);
@@ -171,9 +226,9 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 
 /// Global gradient norm and the clip factor [`AdamW::step_scaled`] should apply; returns
 /// `(pre-clip norm, scale)`.
-pub fn clip_grad_norm<E: Float, D: Device<E>, M: Params<E, D>>(
+pub fn clip_grad_norm<E: Float, D: Device<E>, M: Params<E, D>, G: GradSource<E, D>>(
     model: &mut M,
-    grads: &mut Gradients<E, D>,
+    grads: &mut G,
     max_norm: f64,
 ) -> Result<(f64, f64)> {
     let norm = grad_norm(model, grads)?;
@@ -223,10 +278,10 @@ impl<E: Float, D: Device<E>> AdamW<E, D> {
 
     /// Clips the gradients to `conf.clip` (global norm) and does one update at learning rate
     /// `lr`. A parameter without a gradient in `grads` is treated as having a zero one.
-    pub fn step<M: Params<E, D>>(
+    pub fn step<M: Params<E, D>, G: GradSource<E, D>>(
         &mut self,
         model: &mut M,
-        grads: &mut Gradients<E, D>,
+        grads: &mut G,
         lr: f64,
     ) -> Result<StepInfo> {
         let (norm, scale) = clip_grad_norm(model, grads, self.conf.clip)?;
@@ -240,10 +295,10 @@ impl<E: Float, D: Device<E>> AdamW<E, D> {
 
     /// One update at learning rate `lr` with every gradient multiplied by `grad_scale` (no norm
     /// computation).
-    pub fn step_scaled<M: Params<E, D>>(
+    pub fn step_scaled<M: Params<E, D>, G: GradSource<E, D>>(
         &mut self,
         model: &mut M,
-        grads: &mut Gradients<E, D>,
+        grads: &mut G,
         lr: f64,
         grad_scale: f64,
     ) -> Result<()> {
@@ -368,8 +423,8 @@ impl<E: Float, D: Device<E>> AdamW<E, D> {
     }
 }
 
-struct Update<'a, E: Dtype, D: Device<E>> {
-    grads: &'a mut Gradients<E, D>,
+struct Update<'a, E: Dtype, D: Device<E>, G> {
+    grads: &'a mut G,
     state: &'a mut BTreeMap<String, Moments<E, D>>,
     beta1: f64,
     beta2: f64,
@@ -380,11 +435,11 @@ struct Update<'a, E: Dtype, D: Device<E>> {
     grad_scale: f64,
 }
 
-impl<E: Float, D: Device<E>> ParamVisitor<E, D> for Update<'_, E, D> {
+impl<E: Float, D: Device<E>, G: GradSource<E, D>> ParamVisitor<E, D> for Update<'_, E, D, G> {
     fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> Result<()> {
         let shape = *t.shape();
         let n = shape.num_elements();
-        let mut g = grad_of(name, &mut *self.grads, t)?.reshape_like(&(n,));
+        let mut g = self.grads.grad(name, t)?.reshape_like(&(n,));
         if self.grad_scale != 1.0 {
             g = g * c::<E>(self.grad_scale);
         }

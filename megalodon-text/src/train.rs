@@ -241,6 +241,8 @@ pub fn train<P: TextModel>(
             out.display()
         );
     }
+    // Every rank of a data-parallel run has looked at --out before rank 0 writes to it.
+    megalodon_core::distributed::world().barrier()?;
     // Corpus.
     let source = opts
         .data
@@ -356,8 +358,10 @@ pub fn train<P: TextModel>(
         tokens_per_step: opts.batch * opts.seq_len,
         identity: identity.clone(),
     };
+    // Only rank 0 of a data-parallel run writes the run directory.
+    let lead = megalodon_core::distributed::world().rank() == 0;
     // First write: the tokenizer (a resumed run keeps its own).
-    if !resuming {
+    if !resuming && lead {
         std::fs::create_dir_all(out)
             .with_context(|| format!("creating --out {}", out.display()))?;
         tokenizer.save(&run_tok)?;
@@ -404,7 +408,9 @@ pub fn train<P: TextModel>(
     }
     // The finished model, also at the top of the run directory.
     let conf = model.model_conf().clone();
-    save_run(out, &conf, &mut model)?;
+    if lead {
+        save_run(out, &conf, &mut model)?;
+    }
     let val_loss = logs.iter().rev().find_map(|l| l.val_loss);
     let lm = LanguageModel::new(model, tokenizer)?;
     Ok((
