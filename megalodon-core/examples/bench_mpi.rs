@@ -3,7 +3,7 @@
 //! same machine, one rank with all the threads against several ranks with fewer:
 //!
 //! ```sh
-//! cargo build --release --features mpi --example bench_mpi
+//! cargo build --release -p megalodon-core --features mpi --example bench_mpi
 //! RAYON_NUM_THREADS=2 mpirun --allow-run-as-root -np 1 target/release/examples/bench_mpi
 //! RAYON_NUM_THREADS=1 mpirun --allow-run-as-root -np 2 -x RAYON_NUM_THREADS target/release/examples/bench_mpi
 //! ```
@@ -15,11 +15,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use dfdx::prelude::*;
-use megalodon::core::distributed::world;
-use megalodon::core::fit::{data_parallel_step, train_step, Batch};
-use megalodon::core::optim::{AdamW, OptimConf};
-use megalodon::core::params::{ParamVisitor, Params};
-use megalodon::core::presets::Small;
+use megalodon_core::distributed::world;
+use megalodon_core::fit::{data_parallel_step, train_step, Batch};
+use megalodon_core::optim::{AdamW, OptimConf};
+use megalodon_core::params::{ParamVisitor, Params};
+use megalodon_core::presets::Small;
 
 fn flag(name: &str, default: usize) -> Result<usize> {
     let args: Vec<String> = std::env::args().collect();
@@ -34,7 +34,9 @@ fn flag(name: &str, default: usize) -> Result<usize> {
 }
 
 fn main() -> Result<()> {
-    megalodon::cli::run_distributed(run)
+    let guard = megalodon_core::distributed::init_mpi()?;
+    let result = run();
+    guard.finish(result)
 }
 
 fn run() -> Result<()> {
@@ -43,13 +45,17 @@ fn run() -> Result<()> {
         flag("--batch", 2)?,
         flag("--steps", 5)?,
     );
-    megalodon::cli::check_global_batch(batch)?;
     let w = world();
+    anyhow::ensure!(
+        batch.is_multiple_of(w.size()),
+        "--batch {batch} must be a multiple of the {} ranks",
+        w.size()
+    );
     let dev: Cpu = Default::default();
     let vocab = 256;
     let mut model = Small::<f32, Cpu>::new(&dev, Small::<f32, Cpu>::default_conf(256, vocab), 0)?;
     let mut opt = AdamW::<f32, Cpu>::new(OptimConf::default());
-    let mut rng = megalodon::core::data::SplitMix64::new(7);
+    let mut rng = megalodon_core::data::SplitMix64::new(7);
     let n = batch * seq;
     let tokens: Vec<usize> = (0..n).map(|_| rng.below(vocab as u64) as usize).collect();
     let b = Batch {
