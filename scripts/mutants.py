@@ -90,7 +90,8 @@ def main():
         mid, path, old, new, what = m[:5]
         if want and mid not in want:
             continue
-        orig = open(os.path.join(ROOT, path)).read()
+        # the scratch copy's own text (the checkout may change while the script runs)
+        orig = open(os.path.join(WORK, path)).read()
         if orig.count(old) != 1:
             results.append(f"STALE     {mid}  {what}: the original text occurs {orig.count(old)} times")
             continue

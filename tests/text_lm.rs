@@ -319,3 +319,53 @@ fn bad_input_is_an_error_naming_the_file_or_flag_and_damages_nothing() {
     assert!(err_of(lm.perplexity(&[1, 2, 3], 3)).contains("--context"));
     assert_eq!(before, snapshot(&out), "the run directory changed");
 }
+
+/// All parameters of a language model, in visiting order.
+fn params_of(lm: &mut LanguageModel<T>) -> Vec<f32> {
+    use megalodon_core::params::{ParamVisitor, Params};
+    struct All(Vec<f32>);
+    impl ParamVisitor<f32, Cpu> for All {
+        fn visit<S: Shape>(
+            &mut self,
+            _: &str,
+            t: &mut Tensor<S, f32, Cpu>,
+        ) -> anyhow::Result<()> {
+            self.0.extend(t.as_vec());
+            Ok(())
+        }
+    }
+    let mut v = All(Vec::new());
+    lm.model_mut().visit_params("", &mut v).unwrap();
+    v.0
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) })
+}
+
+#[test]
+fn init_fine_tunes_from_another_runs_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = slice(tmp.path(), 20_000);
+    let mut o = opts(&tmp.path().join("a"), &data);
+    o.steps = 4;
+    let (mut a, _) = megalodon_text::train::<T>(&o, quiet).unwrap();
+    // a step with a negligible learning rate leaves the starting weights visible
+    let mut o = opts(&tmp.path().join("b"), &data);
+    o.steps = 1;
+    o.warmup = 0;
+    o.lr = 1e-12;
+    o.init = Some(tmp.path().join("a"));
+    let (mut b, _) = megalodon_text::train::<T>(&o, quiet).unwrap();
+    o.init = None;
+    o.out = tmp.path().join("c");
+    let (mut c, _) = megalodon_text::train::<T>(&o, quiet).unwrap();
+    let pa = params_of(&mut a);
+    let (db, dc) = (max_diff(&params_of(&mut b), &pa), max_diff(&params_of(&mut c), &pa));
+    assert!(db < 1e-6, "the --init run starts from run a's weights ({db})");
+    assert!(dc > 1e-2, "a fresh run does not ({dc})");
+}
