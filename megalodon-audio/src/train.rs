@@ -70,13 +70,13 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// Defaults for `data` and `out`: 3 epochs, batch 16, lr 3e-3, 5 % warmup, weight decay
+    /// Defaults for `data` and `out`: 8 epochs, batch 16, lr 3e-3, 5 % warmup, weight decay
     /// 0.01, seed 0, validation split 0.1, augmentation on.
     pub fn new(data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
             data: data.into(),
             out: out.into(),
-            epochs: 3,
+            epochs: 8,
             batch: 16,
             lr: 3e-3,
             warmup: 0.05,
