@@ -78,7 +78,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 2048)]
     vocab_size: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 260)]
     steps: u64,
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 256)]

@@ -75,7 +75,7 @@ impl TrainOptions {
             resume: false,
             force: false,
             allow_changed: Vec::new(),
-            steps: 400,
+            steps: 260,
             seq_len: 256,
             batch: 8,
             lr: 3e-3,
