@@ -325,11 +325,7 @@ fn params_of(lm: &mut LanguageModel<T>) -> Vec<f32> {
     use megalodon_core::params::{ParamVisitor, Params};
     struct All(Vec<f32>);
     impl ParamVisitor<f32, Cpu> for All {
-        fn visit<S: Shape>(
-            &mut self,
-            _: &str,
-            t: &mut Tensor<S, f32, Cpu>,
-        ) -> anyhow::Result<()> {
+        fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, f32, Cpu>) -> anyhow::Result<()> {
             self.0.extend(t.as_vec());
             Ok(())
         }
@@ -344,7 +340,13 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) })
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
 }
 
 #[test]
@@ -365,7 +367,13 @@ fn init_fine_tunes_from_another_runs_weights() {
     o.out = tmp.path().join("c");
     let (mut c, _) = megalodon_text::train::<T>(&o, quiet).unwrap();
     let pa = params_of(&mut a);
-    let (db, dc) = (max_diff(&params_of(&mut b), &pa), max_diff(&params_of(&mut c), &pa));
-    assert!(db < 1e-6, "the --init run starts from run a's weights ({db})");
+    let (db, dc) = (
+        max_diff(&params_of(&mut b), &pa),
+        max_diff(&params_of(&mut c), &pa),
+    );
+    assert!(
+        db < 1e-6,
+        "the --init run starts from run a's weights ({db})"
+    );
     assert!(dc > 1e-2, "a fresh run does not ({dc})");
 }
