@@ -186,6 +186,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// No output (ranks other than 0 of a data-parallel run).
+struct Silent;
+
+impl TrainHooks for Silent {}
+
 /// The progress bar, created when the run's step count is known; without a terminal (output
 /// to a file) a plain line every 25 steps instead, since the bar is then hidden.
 struct BarHooks(Option<Bar>, u64);
@@ -260,6 +265,11 @@ fn run_train<M: AudioModel<f32, Cpu>>(cmd: &Cmd) -> Result<()> {
         ..TrainOptions::new(data, &out)
     };
     let dev: Cpu = Default::default();
+    if !megalodon::cli::is_lead() {
+        // the other ranks of a data-parallel run train silently
+        train::<M, Cpu>(&dev, preset_of(*preset), &opts, &mut Silent)?;
+        return Ok(());
+    }
     let mut hooks = BarHooks(None, 0);
     let s = train::<M, Cpu>(&dev, preset_of(*preset), &opts, &mut hooks)?;
     if let Some(b) = &hooks.0 {

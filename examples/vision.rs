@@ -368,23 +368,27 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
         data: identity,
         allow_changed: flags.allow_changed.clone(),
     };
-    println!(
-        "{}: {} train / {} val images, {} classes; preset {} ({} params, pos embed {}), image \
+    // the other ranks of a data-parallel run train silently
+    let lead = megalodon::cli::is_lead();
+    if lead {
+        println!(
+            "{}: {} train / {} val images, {} classes; preset {} ({} params, pos embed {}), image \
          {}x{}, patch {} -> {} tokens; {epochs} epochs x {per_epoch} batches of {batch} = {steps} \
          steps; run dir {}",
-        data.display(),
-        splits.train.len(),
-        splits.val.len(),
-        classes.len(),
-        conf.preset,
-        model.num_params(),
-        conf.pos_embed,
-        conf.image_size,
-        conf.image_size,
-        conf.patch,
-        conf.tokens()?,
-        out.display()
-    );
+            data.display(),
+            splits.train.len(),
+            splits.val.len(),
+            classes.len(),
+            conf.preset,
+            model.num_params(),
+            conf.pos_embed,
+            conf.image_size,
+            conf.image_size,
+            conf.patch,
+            conf.tokens()?,
+            out.display()
+        );
+    }
     let mut progress = EpochProgress {
         bar: Bar::new(steps, batch as u64, "img"),
         val: val_loader,
@@ -424,6 +428,9 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
         &mut progress,
     )?;
     progress.bar.finish();
+    if !lead {
+        return Ok(());
+    }
     println!(
         "trained {} steps in {:.1}s; run saved in {}",
         logs.len(),
