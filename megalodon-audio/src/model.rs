@@ -598,6 +598,10 @@ impl<
     fn batch_len(b: &Batch) -> u64 {
         b.batch as u64
     }
+
+    fn shard(b: &Batch, part: usize, parts: usize) -> Result<Batch> {
+        b.shard(part, parts)
+    }
 }
 
 /// What the CLI and the tests need of any audio model type, so that code can be generic over

@@ -236,3 +236,19 @@ fn bad_files_are_skipped_counted_and_step_batches_stay_exact() {
     let e = format!("{:#}", StepBatches::new(l).unwrap().get(1).unwrap_err());
     assert!(e.contains("no readable number file"), "{e}");
 }
+
+#[test]
+fn batches_shard_into_contiguous_rows_for_data_parallel_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    tree(dir.path(), &[3, 2], &[], &[]);
+    let l = Loader::new(Folder::scan(dir.path()).unwrap(), cfg(5, 0, 1)).unwrap();
+    let b = l.batch(0, 0).unwrap();
+    let parts: Vec<_> = (0..2).map(|p| b.shard(p, 2).unwrap()).collect();
+    assert_eq!((parts[0].batch, parts[1].batch), (2, 3));
+    let ids: Vec<usize> = parts.iter().flat_map(|p| p.ids.clone()).collect();
+    assert_eq!(ids, b.ids, "the shards are the batch's rows in order");
+    let values: Vec<f32> = parts.iter().flat_map(|p| p.values.clone()).collect();
+    assert_eq!(values, b.values);
+    assert_eq!(parts[1].lengths, b.lengths[2..]);
+    assert!(b.shard(2, 2).is_err());
+}

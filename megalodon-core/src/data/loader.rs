@@ -121,6 +121,34 @@ pub struct Batch {
     pub skipped_files: Vec<PathBuf>,
 }
 
+impl Batch {
+    /// Rank `part`'s rows (of `parts`) for data-parallel training
+    /// ([`crate::fit::Trainable::shard`]): a contiguous run of rows, sizes differing by at most
+    /// one (a batch that lost rows to unreadable files may split unevenly; the ranks' gradients
+    /// are weighted by their row counts). `skipped` and `skipped_files` stay with part 0.
+    pub fn shard(&self, part: usize, parts: usize) -> Result<Batch> {
+        let (lo, hi) = crate::distributed::shard_range(self.batch, part, parts)?;
+        let n = self.row_len;
+        let (skipped, skipped_files) = if part == 0 {
+            (self.skipped, self.skipped_files.clone())
+        } else {
+            (0, Vec::new())
+        };
+        Ok(Batch {
+            values: self.values[lo * n..hi * n].to_vec(),
+            lengths: self.lengths[lo..hi].to_vec(),
+            labels: self.labels[lo..hi].to_vec(),
+            batch: hi - lo,
+            skipped,
+            row_len: n,
+            epoch: self.epoch,
+            index: self.index,
+            ids: self.ids[lo..hi].to_vec(),
+            skipped_files,
+        })
+    }
+}
+
 struct Inner<P: Decode> {
     folder: LabelFolder<P::Kind>,
     cfg: LoaderConfig<P>,
