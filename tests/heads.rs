@@ -300,16 +300,7 @@ fn encoder_pooling_and_head_gradients_match_finite_differences() {
 }
 
 fn params_of(m: &mut Toy<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
-    struct G(Vec<(String, Vec<f32>)>);
-    impl ParamVisitor<f32, Cpu> for G {
-        fn visit<S: Shape>(&mut self, n: &str, t: &mut Tensor<S, f32, Cpu>) -> anyhow::Result<()> {
-            self.0.push((n.to_string(), t.as_vec()));
-            Ok(())
-        }
-    }
-    let mut g = G(Vec::new());
-    m.visit_params("", &mut g).unwrap();
-    g.0
+    megalodon::core::params::param_values(m).unwrap()
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! the bundled corpus), generation through the streaming state, sampling, resume, bad input.
 
 use dfdx::prelude::*;
+use megalodon_core::golden::max_abs_diff;
 use megalodon_core::presets::Tiny;
 use megalodon_text::{
     LanguageModel, Sampling, TextCpu, TextModel, Tokenizer, TrainEvent, TrainOptions,
@@ -321,32 +322,12 @@ fn bad_input_is_an_error_naming_the_file_or_flag_and_damages_nothing() {
 }
 
 /// All parameters of a language model, in visiting order.
-fn params_of(lm: &mut LanguageModel<T>) -> Vec<f32> {
-    use megalodon_core::params::{ParamVisitor, Params};
-    struct All(Vec<f32>);
-    impl ParamVisitor<f32, Cpu> for All {
-        fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, f32, Cpu>) -> anyhow::Result<()> {
-            self.0.extend(t.as_vec());
-            Ok(())
-        }
-    }
-    let mut v = All(Vec::new());
-    lm.model_mut().visit_params("", &mut v).unwrap();
-    v.0
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, |m, d| {
-            if d.is_nan() || m.is_nan() {
-                f32::NAN
-            } else {
-                m.max(d)
-            }
-        })
+fn params_of(lm: &mut LanguageModel<T>) -> Vec<f64> {
+    megalodon_core::params::param_values(lm.model_mut())
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, v)| v.into_iter().map(f64::from))
+        .collect()
 }
 
 #[test]
@@ -368,8 +349,8 @@ fn init_fine_tunes_from_another_runs_weights() {
     let (mut c, _) = megalodon_text::train::<T>(&o, quiet).unwrap();
     let pa = params_of(&mut a);
     let (db, dc) = (
-        max_diff(&params_of(&mut b), &pa),
-        max_diff(&params_of(&mut c), &pa),
+        max_abs_diff(&params_of(&mut b), &pa),
+        max_abs_diff(&params_of(&mut c), &pa),
     );
     assert!(
         db < 1e-6,

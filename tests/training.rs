@@ -5,7 +5,6 @@ use dfdx::prelude::*;
 use megalodon::core::fit::{fit, latest_checkpoint, FitConf};
 use megalodon::core::optim::OptimConf;
 use megalodon::core::presets::{Tiny, TINY_CHUNK};
-use megalodon::core::Params;
 use megalodon::tasks::CopyTask;
 
 fn model(task: &CopyTask, seed: u64) -> Tiny<f32, Cpu> {
@@ -20,20 +19,7 @@ fn model(task: &CopyTask, seed: u64) -> Tiny<f32, Cpu> {
 }
 
 fn params(m: &mut Tiny<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
-    struct Grab(Vec<(String, Vec<f32>)>);
-    impl megalodon::core::ParamVisitor<f32, Cpu> for Grab {
-        fn visit<S: Shape>(
-            &mut self,
-            name: &str,
-            t: &mut Tensor<S, f32, Cpu>,
-        ) -> anyhow::Result<()> {
-            self.0.push((name.to_string(), t.as_vec()));
-            Ok(())
-        }
-    }
-    let mut g = Grab(Vec::new());
-    m.visit_params("", &mut g).unwrap();
-    g.0
+    megalodon::core::params::param_values(m).unwrap()
 }
 
 #[test]

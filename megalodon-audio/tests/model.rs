@@ -10,9 +10,9 @@ mod common;
 use std::path::Path;
 
 use common::write_mono16;
-use dfdx::prelude::{Cpu, Shape, Tensor};
+use dfdx::prelude::Cpu;
 use megalodon_audio::megalodon_core::checkpoint::save_run;
-use megalodon_audio::megalodon_core::params::{ParamVisitor, Params};
+use megalodon_audio::megalodon_core::params::Params;
 use megalodon_audio::train::{eval_split, TrainHooks};
 use megalodon_audio::{
     evaluate, param_count, train, Clips, Loader, LoaderConfig, SpeechCommands, SpeechCpu,
@@ -187,16 +187,7 @@ fn classify_after_save_and_load_is_identical() {
 
 /// Every parameter's values by name.
 fn params(m: &mut Model) -> Vec<(String, Vec<f32>)> {
-    struct Grab(Vec<(String, Vec<f32>)>);
-    impl ParamVisitor<f32, Cpu> for Grab {
-        fn visit<S: Shape>(&mut self, n: &str, t: &mut Tensor<S, f32, Cpu>) -> anyhow::Result<()> {
-            self.0.push((n.to_string(), t.as_vec()));
-            Ok(())
-        }
-    }
-    let mut g = Grab(Vec::new());
-    m.visit_params("", &mut g).unwrap();
-    g.0
+    megalodon_audio::megalodon_core::params::param_values(m).unwrap()
 }
 
 #[test]

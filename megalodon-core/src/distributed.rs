@@ -124,6 +124,15 @@ mod mpi_world {
         world: SimpleCommunicator,
     }
 
+    impl Mpi {
+        /// `op` over the ranks, element-wise, into `buf` (MPI needs a separate send buffer).
+        fn all_reduce(&self, buf: &mut [f64], op: SystemOperation) -> Result<()> {
+            let send = buf.to_vec();
+            self.world.all_reduce_into(&send[..], buf, op);
+            Ok(())
+        }
+    }
+
     impl Collective for Mpi {
         fn rank(&self) -> usize {
             // a rank is never negative
@@ -133,16 +142,10 @@ mod mpi_world {
             usize::try_from(self.world.size()).unwrap_or(1)
         }
         fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
-            let send = buf.to_vec();
-            self.world
-                .all_reduce_into(&send[..], buf, SystemOperation::sum());
-            Ok(())
+            self.all_reduce(buf, SystemOperation::sum())
         }
         fn all_reduce_max(&self, buf: &mut [f64]) -> Result<()> {
-            let send = buf.to_vec();
-            self.world
-                .all_reduce_into(&send[..], buf, SystemOperation::max());
-            Ok(())
+            self.all_reduce(buf, SystemOperation::max())
         }
         fn abort(&self, code: i32) {
             self.world.abort(code)
@@ -174,7 +177,6 @@ mod mpi_world {
             if let Err(e) = &result {
                 if self.size > 1 {
                     eprintln!("error on rank {} of {}: {e:#}", self.rank, self.size);
-                    set_world(None);
                     self._universe.world().abort(1);
                 }
             }

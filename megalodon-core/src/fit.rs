@@ -283,8 +283,12 @@ pub fn resolve_run(run: &Path) -> Result<PathBuf> {
 /// The head config (`config.json`) of a run folder or checkpoint folder (see [`resolve_run`]);
 /// `what` names the kind of run in the error when it does not parse (`"an audio run"`).
 pub fn load_run_config<C: serde::de::DeserializeOwned>(run: &Path, what: &str) -> Result<C> {
-    let dir = resolve_run(run)?;
-    crate::checkpoint::load_json(&dir).with_context(|| format!("{} is not {what}", run.display()))
+    config_of(run, &resolve_run(run)?, what)
+}
+
+/// The config in `dir`, the resolved folder of `run`; errors name `run` and `what`.
+fn config_of<C: serde::de::DeserializeOwned>(run: &Path, dir: &Path, what: &str) -> Result<C> {
+    crate::checkpoint::load_json(dir).with_context(|| format!("{} is not {what}", run.display()))
 }
 
 /// Builds the model of a run from its `config.json` (with `build`) and loads its weights: `run`
@@ -302,7 +306,7 @@ where
     M: Params<E, D> + HasBuffers,
 {
     let dir = resolve_run(run)?;
-    let conf: C = load_run_config(run, what)?;
+    let conf: C = config_of(run, &dir, what)?;
     let mut model =
         build(conf).with_context(|| format!("building the model of {}", dir.display()))?;
     crate::checkpoint::load_run_weights(&dir, &mut model)
@@ -642,16 +646,22 @@ fn check_same_everywhere(
 ) -> Result<()> {
     let text = serde_json::to_string(value).context("serializing the run settings")?;
     let h = f64::from(crc32fast::hash(text.as_bytes()));
-    let mut m = [h, -h];
-    world.all_reduce_max(&mut m)?;
+    let (lo, hi) = range_over_ranks(world, h)?;
     ensure!(
-        m[0] == -m[1],
+        lo == hi,
         "the ranks were started with different {what}: rank {} has checksum {h}, another {}; \
          start every rank with the same flags and data",
         world.rank(),
-        if m[0] != h { m[0] } else { -m[1] }
+        if hi != h { hi } else { lo }
     );
     Ok(())
+}
+
+/// The smallest and largest of every rank's `x` (one all-reduce).
+fn range_over_ranks(world: &dyn crate::distributed::Collective, x: f64) -> Result<(f64, f64)> {
+    let mut m = [-x, x];
+    world.all_reduce_max(&mut m)?;
+    Ok((-m[0], m[1]))
 }
 
 /// Errors on every rank unless all ranks hold bit-identical parameters (CRC-32 of their values).
@@ -673,10 +683,9 @@ fn check_params_agree<E: Float, D: MegaDevice<E>, M: Params<E, D>>(
     let mut v = Sum(crc32fast::Hasher::new());
     model.visit_params("", &mut v)?;
     let h = f64::from(v.0.finalize());
-    let mut m = [h, -h];
-    world.all_reduce_max(&mut m)?;
+    let (lo, hi) = range_over_ranks(world, h)?;
     ensure!(
-        m[0] == -m[1],
+        lo == hi,
         "parameters differ between ranks at step {step} (rank {} checksum {h:08}): the ranks \
          no longer train the same model",
         world.rank()

@@ -66,6 +66,23 @@ impl<E: Dtype, D: Device<E>> ParamVisitor<E, D> for NameVisitor {
     }
 }
 
+/// Every parameter's name and values (host copies), in visiting order: for comparing models
+/// (resume, fine-tuning, data-parallel ranks) and inspecting them.
+pub fn param_values<E: Dtype, D: Device<E>, M: Params<E, D>>(
+    model: &mut M,
+) -> anyhow::Result<Vec<(String, Vec<E>)>> {
+    struct Values<E>(Vec<(String, Vec<E>)>);
+    impl<E: Dtype, D: Device<E>> ParamVisitor<E, D> for Values<E> {
+        fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> anyhow::Result<()> {
+            self.0.push((name.to_string(), t.as_vec()));
+            Ok(())
+        }
+    }
+    let mut v = Values(Vec::new());
+    model.visit_params("", &mut v)?;
+    Ok(v.0)
+}
+
 /// Allocates (zeroed) gradients for every parameter, so that `grads.get(&param)` never panics
 /// even for parameters a particular forward pass did not touch.
 pub fn alloc_grads<E: Dtype, D: Device<E>, M: Params<E, D>>(

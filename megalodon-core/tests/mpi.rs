@@ -20,8 +20,9 @@ use anyhow::{Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::distributed::init_mpi;
 use megalodon_core::fit::{fit, Batch, FitConf};
+use megalodon_core::golden::max_abs_diff;
 use megalodon_core::optim::OptimConf;
-use megalodon_core::params::{ParamVisitor, Params};
+use megalodon_core::params::param_values;
 use megalodon_core::presets::{Tiny, TINY_CHUNK};
 use serde::{Deserialize, Serialize};
 
@@ -77,16 +78,11 @@ fn batch_for(step: u64, batch: usize) -> Batch {
 }
 
 fn params_of(m: &mut Tiny<f32, Cpu>) -> Vec<f64> {
-    struct All(Vec<f64>);
-    impl ParamVisitor<f32, Cpu> for All {
-        fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, f32, Cpu>) -> Result<()> {
-            self.0.extend(t.as_vec().iter().map(|&x| f64::from(x)));
-            Ok(())
-        }
-    }
-    let mut v = All(Vec::new());
-    m.visit_params("", &mut v).unwrap();
-    v.0
+    param_values(m)
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, v)| v.into_iter().map(f64::from))
+        .collect()
 }
 
 /// Trains the tiny LM as `job` says on the calling thread's collective.
@@ -220,20 +216,6 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn max_abs(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            if (x - y).is_nan() {
-                f64::INFINITY
-            } else {
-                (x - y).abs()
-            }
-        })
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn two_ranks_train_like_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -250,7 +232,7 @@ fn two_ranks_train_like_one() {
     let two = read_result(&j);
     let (dl, dp) = (
         max_rel(&two.losses, &single.losses),
-        max_abs(&two.params, &single.params),
+        max_abs_diff(&two.params, &single.params),
     );
     eprintln!("2 ranks against 1: losses within {dl:.2e} (relative), parameters within {dp:.2e}");
     assert_eq!(two.losses.len(), 20);
