@@ -26,6 +26,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dfdx::prelude::*;
 use megalodon::cli::{check_device, Bar, TrainFlags};
 use megalodon_audio::loader::{Clips, Loader, LoaderConfig};
+use megalodon_audio::megalodon_core::device::MegaDevice;
 use megalodon_audio::megalodon_core::fit::StepLog;
 use megalodon_audio::megalodon_core::optim::{AdamW, OptimConf};
 use megalodon_audio::train::{eval_split, TrainHooks};
@@ -163,10 +164,14 @@ fn main() -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
-        Cmd::Train { preset, .. } => match preset {
-            PresetArg::SpeechCpu => run_train::<Cpu16>(&cli.cmd),
-            PresetArg::SpeechCommands => run_train::<Sc>(&cli.cmd),
-        },
+        Cmd::Train { preset, flags, .. } => {
+            megalodon::on_device!(flags.device.as_str(), D, dev => match preset {
+                PresetArg::SpeechCpu => run_train::<SpeechCpu<f32, D>, D>(&dev, &cli.cmd),
+                PresetArg::SpeechCommands => {
+                    run_train::<SpeechCommands<f32, D>, D>(&dev, &cli.cmd)
+                }
+            })
+        }
         Cmd::Bench { preset, .. } => match preset {
             PresetArg::SpeechCpu => bench::<Cpu16>(&cli.cmd),
             PresetArg::SpeechCommands => bench::<Sc>(&cli.cmd),
@@ -221,7 +226,7 @@ impl TrainHooks for BarHooks {
     }
 }
 
-fn run_train<M: AudioModel<f32, Cpu>>(cmd: &Cmd) -> Result<()> {
+fn run_train<M: AudioModel<f32, D>, D: MegaDevice<f32>>(dev: &D, cmd: &Cmd) -> Result<()> {
     let Cmd::Train {
         data,
         epochs,
@@ -264,14 +269,13 @@ fn run_train<M: AudioModel<f32, Cpu>>(cmd: &Cmd) -> Result<()> {
         stop_after: *stop_after,
         ..TrainOptions::new(data, &out)
     };
-    let dev: Cpu = Default::default();
     if !megalodon::cli::is_lead() {
         // the other ranks of a data-parallel run train silently
-        train::<M, Cpu>(&dev, preset_of(*preset), &opts, &mut Silent)?;
+        train::<M, D>(dev, preset_of(*preset), &opts, &mut Silent)?;
         return Ok(());
     }
     let mut hooks = BarHooks(None, 0);
-    let s = train::<M, Cpu>(&dev, preset_of(*preset), &opts, &mut hooks)?;
+    let s = train::<M, D>(dev, preset_of(*preset), &opts, &mut hooks)?;
     if let Some(b) = &hooks.0 {
         b.finish();
     }

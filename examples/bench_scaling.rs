@@ -21,9 +21,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use dfdx::nn::{modules, DeviceBuildExt, Module};
 use dfdx::prelude::*;
+use megalodon_core::device::MegaDevice;
 use megalodon_core::nn::model::{cross_entropy, param_count, Logits};
-use megalodon_core::params::{alloc_grads, Params};
-use megalodon_core::presets::Small;
+use megalodon_core::params::alloc_grads;
+use megalodon_core::presets::{Mega200M, Small};
 use rand::{Rng, SeedableRng};
 use std::process::Command;
 use std::time::Instant;
@@ -61,6 +62,12 @@ struct Args {
     /// 10.9 s for Megalodon at 16384 tokens), which would show up as a false super-linear cost.
     #[arg(long)]
     warmup_max_len: Option<usize>,
+    /// Compute device: cpu, or cuda (in a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Megalodon preset: small (4 layers, D 256) or mega200m (12 layers, D 1024).
+    #[arg(long, default_value = "small")]
+    preset: String,
     /// Internal: run one measurement, `megalodon:LEN` or `transformer:LEN`.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -70,28 +77,31 @@ struct Args {
 // Transformer baseline
 // ---------------------------------------------------------------------------------------------
 
-type Act = Tensor<(usize, Const<DM>), f32, Cpu, OwnedTape<f32, Cpu>>;
+type Act<D> = Tensor<(usize, Const<DM>), f32, D, OwnedTape<f32, D>>;
 
-struct TfLayer {
-    ln1: modules::LayerNorm1D<DM, f32, Cpu>,
-    q: modules::Linear<DM, DM, f32, Cpu>,
-    k: modules::Linear<DM, DM, f32, Cpu>,
-    v: modules::Linear<DM, DM, f32, Cpu>,
-    o: modules::Linear<DM, DM, f32, Cpu>,
-    ln2: modules::LayerNorm1D<DM, f32, Cpu>,
-    ff1: modules::Linear<DM, FFN, f32, Cpu>,
-    ff2: modules::Linear<FFN, DM, f32, Cpu>,
+struct TfLayer<D: Device<f32>> {
+    ln1: modules::LayerNorm1D<DM, f32, D>,
+    q: modules::Linear<DM, DM, f32, D>,
+    k: modules::Linear<DM, DM, f32, D>,
+    v: modules::Linear<DM, DM, f32, D>,
+    o: modules::Linear<DM, DM, f32, D>,
+    ln2: modules::LayerNorm1D<DM, f32, D>,
+    ff1: modules::Linear<DM, FFN, f32, D>,
+    ff2: modules::Linear<FFN, DM, f32, D>,
 }
 
-struct Transformer {
-    embed: modules::Embedding<VOCAB, DM, f32, Cpu>,
-    layers: Vec<TfLayer>,
-    ln_f: modules::LayerNorm1D<DM, f32, Cpu>,
-    head: modules::Linear<DM, VOCAB, f32, Cpu>,
+struct Transformer<D: Device<f32>> {
+    embed: modules::Embedding<VOCAB, DM, f32, D>,
+    layers: Vec<TfLayer<D>>,
+    ln_f: modules::LayerNorm1D<DM, f32, D>,
+    head: modules::Linear<DM, VOCAB, f32, D>,
 }
 
-impl Transformer {
-    fn new(dev: &Cpu) -> Self {
+impl<D: MegaDevice<f32>> Transformer<D>
+where
+    D: DeviceBuildExt,
+{
+    fn new(dev: &D) -> Self {
         let layers = (0..LAYERS)
             .map(|_| TfLayer {
                 ln1: dev.build_module::<builders::LayerNorm1D<DM>, f32>(),
@@ -121,19 +131,19 @@ impl Transformer {
     /// Logits `(1, T, VOCAB)` with a tape into `grads`.
     fn forward_train(
         &self,
-        dev: &Cpu,
+        dev: &D,
         tokens: &[usize],
-        grads: Gradients<f32, Cpu>,
-    ) -> Result<Logits<f32, Cpu, OwnedTape<f32, Cpu>>> {
+        grads: Gradients<f32, D>,
+    ) -> Result<Logits<f32, D, OwnedTape<f32, D>>> {
         let t = tokens.len();
-        let idx: Tensor<(usize,), usize, Cpu> = dev.tensor_from_vec(tokens.to_vec(), (t,));
-        let mut x: Act = self.embed.weight.clone().traced(grads).gather(idx);
+        let idx: Tensor<(usize,), usize, D> = dev.tensor_from_vec(tokens.to_vec(), (t,));
+        let mut x: Act<D> = self.embed.weight.clone().traced(grads).gather(idx);
         // full causal mask: -inf strictly above the diagonal, T x T
         let mut mask = vec![0f32; t * t];
         for i in 0..t {
             mask[i * t + i + 1..(i + 1) * t].fill(f32::NEG_INFINITY);
         }
-        let mask: Tensor<(usize, usize), f32, Cpu> = dev.tensor_from_vec(mask, (t, t));
+        let mask: Tensor<(usize, usize), f32, D> = dev.tensor_from_vec(mask, (t, t));
         let scale = 1.0 / ((DM / TF_HEADS) as f32).sqrt();
         for l in &self.layers {
             let h = l.ln1.forward(x.with_empty_tape());
@@ -197,7 +207,65 @@ fn measure(
 fn run_child(args: &Args, spec: &str) -> Result<()> {
     let (model, len) = spec.split_once(':').context("--child expects model:len")?;
     let t: usize = len.parse().context("--child length")?;
-    let dev: Cpu = Default::default();
+    match args.device.as_str() {
+        "cpu" => {
+            let dev: Cpu = Default::default();
+            run_child_on(args, model, t, dev, |_| Ok(None))
+        }
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            let dev = megalodon_core::device::cuda_device()?;
+            let before = megalodon_core::device::cuda_mem_used()?;
+            run_child_on(args, model, t, dev, move |_| {
+                Ok(Some(
+                    megalodon_core::device::cuda_mem_used()?.saturating_sub(before),
+                ))
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("--device cuda: this binary was built without the `cuda` feature"),
+        other => bail!("--device must be cpu or cuda, got {other:?}"),
+    }
+}
+
+/// One fwd+bwd step of a Megalodon preset `$ty` on `$dev`, timed by `measure`.
+macro_rules! megalodon_runs {
+    ($ty:ident, $dev:expr, $args:expr, $tokens:expr, $targets:expr, $t:expr, $warmup:expr) => {{
+        let conf = $ty::<f32, D>::default_conf($args.chunk, VOCAB);
+        let params = param_count(&conf);
+        let mut m = $ty::<f32, D>::new($dev, conf, 0)?;
+        let runs = measure(
+            || {
+                let grads = alloc_grads(&mut m)?;
+                let t0 = Instant::now();
+                let logits = m.forward_train($tokens, 1, $t, grads)?;
+                let loss = cross_entropy(logits, $targets)?;
+                $dev.try_synchronize()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let t1 = Instant::now();
+                let g = loss.backward();
+                $dev.try_synchronize()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let t2 = Instant::now();
+                drop(g);
+                Ok(((t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3))
+            },
+            $warmup,
+            $args.repeats,
+        )?;
+        (runs, params)
+    }};
+}
+
+/// The measurement on device `dev`; `device_mem` reports the device memory the run holds
+/// (`None` on the CPU, where the peak resident memory is read instead).
+fn run_child_on<D: MegaDevice<f32> + Cache + Synchronize + DeviceBuildExt>(
+    args: &Args,
+    model: &str,
+    t: usize,
+    dev: D,
+    device_mem: impl Fn(&D) -> Result<Option<usize>>,
+) -> Result<()> {
     dev.enable_cache();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
     let seq: Vec<usize> = (0..=t).map(|_| rng.gen_range(0..VOCAB)).collect();
@@ -205,38 +273,25 @@ fn run_child(args: &Args, spec: &str) -> Result<()> {
     let targets: Vec<Option<usize>> = seq[1..].iter().map(|&x| Some(x)).collect();
     let warmup = args.warmup_max_len.is_none_or(|m| t <= m);
     let hwm_before = vm_hwm_kb()?;
-    let (runs, params) = match model {
-        "megalodon" => {
-            let conf = Small::<f32, Cpu>::default_conf(args.chunk, VOCAB);
-            let params = param_count(&conf);
-            let mut m = Small::<f32, Cpu>::new(&dev, conf, 0)?;
-            debug_assert_eq!(m.num_params(), params);
-            let runs = measure(
-                || {
-                    let grads = alloc_grads(&mut m)?;
-                    let t0 = Instant::now();
-                    let logits = m.forward_train(&tokens, 1, t, grads)?;
-                    let loss = cross_entropy(logits, &targets)?;
-                    let t1 = Instant::now();
-                    let g = loss.backward();
-                    let t2 = Instant::now();
-                    drop(g);
-                    Ok(((t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3))
-                },
-                warmup,
-                args.repeats,
-            )?;
-            (runs, params)
+    let (runs, params) = match (model, args.preset.as_str()) {
+        ("megalodon", "small") => megalodon_runs!(Small, &dev, args, &tokens, &targets, t, warmup),
+        ("megalodon", "mega200m") => {
+            megalodon_runs!(Mega200M, &dev, args, &tokens, &targets, t, warmup)
         }
-        "transformer" => {
-            let m = Transformer::new(&dev);
+        ("megalodon", other) => bail!("--preset must be small or mega200m, got {other:?}"),
+        ("transformer", _) => {
+            let m = Transformer::<D>::new(&dev);
             let runs = measure(
                 || {
                     let t0 = Instant::now();
                     let logits = m.forward_train(&dev, &tokens, Gradients::leaky())?;
                     let loss = cross_entropy(logits, &targets)?;
+                    dev.try_synchronize()
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                     let t1 = Instant::now();
                     let g = loss.backward();
+                    dev.try_synchronize()
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                     let t2 = Instant::now();
                     drop(g);
                     Ok(((t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3))
@@ -244,13 +299,19 @@ fn run_child(args: &Args, spec: &str) -> Result<()> {
                 warmup,
                 args.repeats,
             )?;
-            (runs, Transformer::num_params())
+            (runs, Transformer::<D>::num_params())
         }
-        other => bail!("unknown model {other:?}"),
+        (other, _) => bail!("unknown model {other:?}"),
     };
     let total: Vec<f64> = runs.iter().map(|(f, b)| f + b).collect();
     let fwd: Vec<f64> = runs.iter().map(|r| r.0).collect();
     let bwd: Vec<f64> = runs.iter().map(|r| r.1).collect();
+    // On a GPU the peak is the device memory dfdx holds after the step: its allocation cache
+    // keeps every buffer the step freed, so this is the most the step had at once.
+    let peak_kb = match device_mem(&dev)? {
+        Some(bytes) => (bytes / 1024) as u64,
+        None => vm_hwm_kb()?,
+    };
     let out = serde_json::json!({
         "model": model,
         "len": t,
@@ -259,7 +320,7 @@ fn run_child(args: &Args, spec: &str) -> Result<()> {
         "bwd_ms": median(&bwd),
         "runs_ms": total,
         "warmup": warmup,
-        "peak_kb": vm_hwm_kb()?,
+        "peak_kb": peak_kb,
         "hwm_before_kb": hwm_before,
         "params": params,
     });
@@ -289,7 +350,11 @@ fn spawn_child(args: &Args, model: &str, len: usize) -> Cell {
         .arg("--chunk")
         .arg(args.chunk.to_string())
         .arg("--repeats")
-        .arg(args.repeats.to_string());
+        .arg(args.repeats.to_string())
+        .arg("--device")
+        .arg(&args.device)
+        .arg("--preset")
+        .arg(&args.preset);
     if let Some(m) = args.warmup_max_len {
         cmd.arg("--warmup-max-len").arg(m.to_string());
     }
@@ -391,14 +456,31 @@ fn run_parent(args: &Args) -> Result<()> {
             .unwrap_or(1);
         format!("default ({n} cores)")
     });
-    let mconf = Small::<f32, Cpu>::default_conf(args.chunk, VOCAB);
+    let (desc, mparams) = match args.preset.as_str() {
+        "small" => (
+            "Megalodon Small (4 layers, D 256, H 1, Z 64, E 512, F 688, N 16, G 32",
+            param_count(&Small::<f32, Cpu>::default_conf(args.chunk, VOCAB)),
+        ),
+        "mega200m" => (
+            "Megalodon Mega200M (12 layers, D 1024, H 1, Z 256, E 2048, F 2560, N 16, G 32",
+            param_count(&Mega200M::<f32, Cpu>::default_conf(args.chunk, VOCAB)),
+        ),
+        other => bail!("--preset must be small or mega200m, got {other:?}"),
+    };
+    let (device, peak) = match args.device.as_str() {
+        "cpu" => (format!("CPU, threads {threads}"), "peak = the process's VmHWM"),
+        "cuda" => (
+            "CUDA device 0".to_string(),
+            "peak MB = device memory held after the step (dfdx's cache keeps what the step freed), less what was in use before the model was built",
+        ),
+        other => bail!("--device must be cpu or cuda, got {other:?}"),
+    };
     println!(
-        "Megalodon Small (4 layers, D 256, H 1, Z 64, E 512, F 688, N 16, G 32, chunk {}, {} params) vs pre-norm Transformer (4 layers, D 256, FFN 688, {} head of width {}, full causal T x T attention, {} params); batch 1, vocabulary {VOCAB}, f32, CPU, threads {threads}; one forward + cross entropy + backward, median of {} run(s) after {}.",
+        "{desc}, chunk {}, {mparams} params) vs pre-norm Transformer (4 layers, D 256, FFN 688, {} head of width {}, full causal T x T attention, {} params); batch 1, vocabulary {VOCAB}, f32, {device}; one forward + cross entropy + backward, median of {} run(s) after {}; {peak}.",
         args.chunk,
-        param_count(&mconf),
         TF_HEADS,
         DM / TF_HEADS,
-        Transformer::num_params(),
+        Transformer::<Cpu>::num_params(),
         args.repeats.max(1),
         match args.warmup_max_len {
             Some(m) => format!("an untimed warm-up run for T <= {m}"),

@@ -13,6 +13,7 @@
 use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use megalodon::cli::{check_device, Bar, TrainFlags};
+use megalodon_core::device::MegaDevice;
 use megalodon_core::plot::{line_plot, Series};
 use megalodon_core::presets::{Small, Tiny};
 use megalodon_text::baseline::{compare, CompareOptions};
@@ -25,20 +26,20 @@ use std::path::PathBuf;
 
 type Cpu = dfdx::prelude::Cpu;
 
-/// Runs `$body` with `$T` bound to the model type of `$preset`.
+/// Runs `$body` with `$T` bound to the model type of `$preset` on device type `$D`.
 macro_rules! with_preset {
-    ($preset:expr, $T:ident => $body:expr) => {
+    ($preset:expr, $D:ty, $T:ident => $body:expr) => {
         match $preset {
             Preset::Cpu => {
-                type $T = TextCpu<f32, Cpu>;
+                type $T = TextCpu<f32, $D>;
                 $body
             }
             Preset::Small => {
-                type $T = Small<f32, Cpu>;
+                type $T = Small<f32, $D>;
                 $body
             }
             Preset::Tiny => {
-                type $T = Tiny<f32, Cpu>;
+                type $T = Tiny<f32, $D>;
                 $body
             }
         }
@@ -211,11 +212,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train(a),
         Cmd::Generate(a) => {
             let preset = Preset::of_run(&a.run)?;
-            with_preset!(preset, T => generate::<T>(&a))
+            with_preset!(preset, Cpu, T => generate::<T>(&a))
         }
         Cmd::Eval(a) => {
             let preset = Preset::of_run(&a.run)?;
-            with_preset!(preset, T => eval::<T>(&a))
+            with_preset!(preset, Cpu, T => eval::<T>(&a))
         }
         Cmd::Compare(a) => run_compare(&a),
     }
@@ -247,15 +248,21 @@ fn train(a: TrainArgs) -> Result<()> {
     o.eval_every = a.eval_every;
     o.ckpt_every = a.common.ckpt_every.unwrap_or(o.ckpt_every);
     o.val_tokens = a.val_tokens;
-    with_preset!(a.preset, T => train_preset::<T>(&a, &o))
+    megalodon::on_device!(a.common.device.as_str(), D, dev => {
+        with_preset!(a.preset, D, T => train_preset::<T, D>(&dev, &a, &o))
+    })
 }
 
-fn train_preset<P: TextModel>(a: &TrainArgs, o: &TrainOptions) -> Result<()> {
+fn train_preset<P: TextModel<D>, D: MegaDevice<f32>>(
+    dev: &D,
+    a: &TrainArgs,
+    o: &TrainOptions,
+) -> Result<()> {
     let mut bar: Option<Bar> = None;
     let t0 = std::time::Instant::now();
     // the other ranks of a data-parallel run train silently
     let lead = megalodon::cli::is_lead();
-    let (lm, report) = megalodon_text::train::<P>(o, |ev| match ev {
+    let (lm, report) = megalodon_text::train_on::<P, D>(dev, o, |ev| match ev {
         _ if !lead => Ok(()),
         TrainEvent::Ready(info) => {
             println!(

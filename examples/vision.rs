@@ -22,6 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dfdx::prelude::*;
 use megalodon::cli::{Bar, TrainFlags};
+use megalodon_core::device::MegaDevice;
 use megalodon_core::fit::{fit_with, FitConf, Progress, StepLog};
 use megalodon_core::optim::{OptimConf, Schedule};
 use megalodon_core::plot::{line_plot, Series};
@@ -128,10 +129,16 @@ fn main() -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { preset, .. } => match preset {
-            PresetArg::FashionSmall => train::<Small>(&cli.cmd, &FASHION_SMALL),
-            PresetArg::Imagenet => train::<Big>(&cli.cmd, &IMAGENET),
-        },
+        Cmd::Train {
+            preset, ref flags, ..
+        } => megalodon::on_device!(flags.device.as_str(), D, dev => match preset {
+            PresetArg::FashionSmall => {
+                train::<FashionSmall<f32, D>, D>(&dev, &cli.cmd, &FASHION_SMALL)
+            }
+            PresetArg::Imagenet => {
+                train::<ImageNetMegalodon<f32, D>, D>(&dev, &cli.cmd, &IMAGENET)
+            }
+        }),
         Cmd::Eval { ref run, .. } | Cmd::Predict { ref run, .. } => {
             let conf = load_conf(run).with_context(|| format!("--run {}", run.display()))?;
             match conf.preset.as_str() {
@@ -147,7 +154,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Validation at the end of every epoch, epoch summaries, the progress bar.
-struct EpochProgress {
+struct EpochProgress<D> {
+    device: std::marker::PhantomData<D>,
     bar: Bar,
     val: Loader,
     data: Rc<RefCell<StepBatches>>,
@@ -163,7 +171,7 @@ struct EpochProgress {
     log_every: u64,
 }
 
-impl EpochProgress {
+impl<D> EpochProgress<D> {
     /// A line above the bar, or on stdout when the bar is hidden (not a terminal).
     fn say(&self, line: String) {
         if self.tty {
@@ -208,7 +216,7 @@ impl EpochProgress {
     }
 }
 
-impl<M: VisionModel<f32, Cpu>> Progress<M> for EpochProgress {
+impl<M: VisionModel<f32, D>, D: MegaDevice<f32>> Progress<M> for EpochProgress<D> {
     fn on_step(&mut self, log: &StepLog) {
         self.losses.0 += log.loss;
         self.losses.1 += 1;
@@ -262,7 +270,11 @@ impl<M: VisionModel<f32, Cpu>> Progress<M> for EpochProgress {
     }
 }
 
-fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<()> {
+fn train<M: VisionModel<f32, D>, D: MegaDevice<f32>>(
+    dev: &D,
+    cmd: &Cmd,
+    preset: &VisionPreset,
+) -> Result<()> {
     let Cmd::Train {
         data,
         epochs,
@@ -289,7 +301,6 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
         weight_decay.is_finite() && *weight_decay >= 0.0,
         "--weight-decay must be >= 0, got {weight_decay}"
     );
-    let dev: Cpu = Default::default();
     let splits = DatasetSplits::open(data, *val_split, flags.seed)
         .with_context(|| format!("--data {}", data.display()))?;
     let classes = splits.train.labels().to_vec();
@@ -303,7 +314,7 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
             let ctx = || format!("--init {}", init.display());
             let init_conf = load_conf(init).with_context(ctx)?;
             conf.check_init(&init_conf).with_context(ctx)?;
-            let mut m = M::load_on(&dev, init).with_context(ctx)?;
+            let mut m = M::load_on(dev, init).with_context(ctx)?;
             if m.vision_conf().classes != classes {
                 println!(
                     "--init: {} classes there, {} here: the head is re-initialised",
@@ -314,7 +325,7 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
             }
             m
         }
-        None => M::build(&dev, conf.clone(), flags.seed)?,
+        None => M::build(dev, conf.clone(), flags.seed)?,
     };
     let conf = model.vision_conf().clone();
     let batch = flags.batch.unwrap_or(128);
@@ -390,6 +401,7 @@ fn train<M: VisionModel<f32, Cpu>>(cmd: &Cmd, preset: &VisionPreset) -> Result<(
         );
     }
     let mut progress = EpochProgress {
+        device: std::marker::PhantomData,
         bar: Bar::new(steps, batch as u64, "img"),
         val: val_loader,
         data: Rc::clone(&data_state),

@@ -100,16 +100,46 @@ pub fn check_global_batch(batch: usize) -> Result<()> {
     Ok(())
 }
 
-/// Accepts `cpu`; `cuda` needs a build with the `cuda` feature (an error says so).
+/// Accepts `cpu`, and `cuda` in a build with the `cuda` feature (without it, an error says so).
 pub fn check_device(device: &str) -> Result<()> {
     match device {
         "cpu" => Ok(()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(()),
+        #[cfg(not(feature = "cuda"))]
         "cuda" => bail!(
-            "--device cuda: these CLIs run on the CPU; the CUDA path is built with the `cuda` \
-             feature (see the README's GPU section)"
+            "--device cuda: this binary was built without CUDA; build it with `--features cuda` \
+             (see docs/cuda.md)"
         ),
         other => bail!("--device must be `cpu` or `cuda`, got `{other}`"),
     }
+}
+
+/// Runs `$body` with `$D` naming the device type of the `--device` value `$device` and `$dev`
+/// bound to that device (`cpu`: dfdx's `Cpu`; `cuda`: CUDA device 0, in a build with the `cuda`
+/// feature). An unknown or unavailable device is an error naming the flag.
+#[macro_export]
+macro_rules! on_device {
+    ($device:expr, $D:ident, $dev:ident => $body:expr) => {
+        match $device {
+            "cpu" => {
+                type $D = dfdx::prelude::Cpu;
+                let $dev = <$D as Default>::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                type $D = dfdx::prelude::Cuda;
+                let $dev = $crate::core::device::cuda_device()
+                    .map_err(|e| anyhow::anyhow!("--device cuda: {e:#}"))?;
+                $body
+            }
+            other => {
+                $crate::cli::check_device(other)?;
+                unreachable!("check_device accepted {other}")
+            }
+        }
+    };
 }
 
 /// A terminal progress bar over the training steps (step, loss, validation loss, examples or

@@ -99,3 +99,20 @@ pub fn cuda_device() -> Result<Cuda> {
     anyhow::ensure!(n > 0, "no CUDA device is visible");
     Cuda::try_build(0, 0).map_err(|e| anyhow::anyhow!("building CUDA device 0 failed: {e:?}"))
 }
+
+/// Bytes of device memory in use on the current CUDA context's device (total less free, as the
+/// driver reports it): what `bench_scaling --device cuda` records as a run's memory.
+#[cfg(feature = "cuda")]
+pub fn cuda_mem_used() -> Result<usize> {
+    let (free, total) = cudarc::driver::result::mem_get_info()
+        .map_err(|e| anyhow::anyhow!("asking the CUDA driver for free memory failed: {e:?}"))?;
+    Ok(total.saturating_sub(free))
+}
+
+/// The folder of the bundled test fixtures: `$MEGALODON_FIXTURES` when set (a test binary
+/// carried to another machine, see docs/cuda.md), else `default` (the source tree's).
+pub fn fixtures_dir(default: &str) -> std::path::PathBuf {
+    std::env::var_os("MEGALODON_FIXTURES")
+        .map(Into::into)
+        .unwrap_or_else(|| default.into())
+}

@@ -20,11 +20,11 @@ fn tiny_on_cuda_matches_official_logits_and_trains() {
             return;
         }
     };
-    let g = Golden::load(concat!(
+    let fixtures = megalodon_core::device::fixtures_dir(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/megalodon-golden-tiny.json"
-    ))
-    .unwrap();
+        "/tests/fixtures"
+    ));
+    let g = Golden::load(fixtures.join("megalodon-golden-tiny.json")).unwrap();
     let conf: ModelConf = serde_json::from_value(g.value(&["config"]).unwrap().clone()).unwrap();
     let mut m = Tiny::<f32, Cuda>::new(&dev, conf, 0).unwrap();
     load_params(&mut m, &g, &["params"]).unwrap();

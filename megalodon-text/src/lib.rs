@@ -51,7 +51,7 @@ pub use preset::{Preset, TextCpu, TextModel};
 pub use sampling::{Sampler, Sampling};
 pub use stats::{bits_per_byte, unigram_cross_entropy, unigram_entropy};
 pub use tokenizer::{check_vocab_size, Tokenizer, END_OF_TEXT};
-pub use train::{train, DataInfo, TrainEvent, TrainOptions, TrainReport};
+pub use train::{train, train_on, DataInfo, TrainEvent, TrainOptions, TrainReport};
 pub use windows::{TrainWindows, ValWindows};
 
 /// Path of the bundled Shakespeare corpus (`data/shakespeare/` at the repository root), resolved

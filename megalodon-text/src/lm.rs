@@ -39,6 +39,7 @@ use crate::Tokenizer;
 use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::CONFIG_FILE;
+use megalodon_core::device::MegaDevice;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -147,13 +148,23 @@ fn nll(row: &[f32], target: usize) -> f64 {
     lse - f64::from(row[target])
 }
 
-/// A language model: a preset model and its tokenizer.
-pub struct LanguageModel<P: TextModel> {
+/// A language model: a preset model (on device `D`, the CPU unless said otherwise) and its
+/// tokenizer.
+pub struct LanguageModel<P: TextModel<D>, D: MegaDevice<f32> = Cpu> {
     model: P,
     tokenizer: Tokenizer,
+    device: std::marker::PhantomData<D>,
 }
 
-impl<P: TextModel> LanguageModel<P> {
+impl<P: TextModel<D>, D: MegaDevice<f32> + Default> LanguageModel<P, D> {
+    /// Loads a run directory (its latest checkpoint) or a checkpoint directory onto the
+    /// device's default instance (the CPU); see [`LanguageModel::load_on`].
+    pub fn load(run: impl AsRef<Path>) -> Result<Self> {
+        Self::load_on(&D::default(), run)
+    }
+}
+
+impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
     /// Pairs a model with a tokenizer; the tokenizer's ids must fit the model's vocabulary.
     pub fn new(model: P, tokenizer: Tokenizer) -> Result<Self> {
         let v = model.model_conf().vocab_size;
@@ -166,19 +177,22 @@ impl<P: TextModel> LanguageModel<P> {
                 .unwrap_or_else(|| "the tokenizer".into()),
             tokenizer.vocab_size()
         );
-        Ok(LanguageModel { model, tokenizer })
+        Ok(LanguageModel {
+            model,
+            tokenizer,
+            device: std::marker::PhantomData,
+        })
     }
 
-    /// Loads a run directory (its latest checkpoint) or a checkpoint directory: `config.json`
-    /// (checked against this preset's widths; a run of another preset is an error naming the
-    /// file and the field), `model.safetensors` and `tokenizer.json`.
-    pub fn load(run: impl AsRef<Path>) -> Result<Self> {
+    /// Loads a run directory (its latest checkpoint) or a checkpoint directory onto `dev`:
+    /// `config.json` (checked against this preset's widths; a run of another preset is an error
+    /// naming the file and the field), `model.safetensors` and `tokenizer.json`.
+    pub fn load_on(dev: &D, run: impl AsRef<Path>) -> Result<Self> {
         let run = run.as_ref();
         let dir = resolve_run(run)?;
         let tok_path = tokenizer_path(run, &dir)?;
         let tokenizer = Tokenizer::from_file(&tok_path)?;
-        let dev: Cpu = Default::default();
-        let model = P::load_dir(&dev, &dir)
+        let model = P::load_dir(dev, &dir)
             .with_context(|| format!("loading the model of {}", run.display()))?;
         let v = model.model_conf().vocab_size;
         ensure!(
@@ -188,7 +202,11 @@ impl<P: TextModel> LanguageModel<P> {
             tokenizer.vocab_size(),
             dir.join(CONFIG_FILE).display()
         );
-        Ok(LanguageModel { model, tokenizer })
+        Ok(LanguageModel {
+            model,
+            tokenizer,
+            device: std::marker::PhantomData,
+        })
     }
 
     /// The model.

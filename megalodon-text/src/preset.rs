@@ -9,6 +9,7 @@ use crate::Batch;
 use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::config::{Dims, ModelConf};
+use megalodon_core::device::MegaDevice;
 use megalodon_core::fit::Trainable;
 use megalodon_core::nn::model::{cross_entropy, Megalodon, ModelState};
 use megalodon_core::presets::{Small, Tiny};
@@ -96,17 +97,19 @@ impl std::str::FromStr for Preset {
     }
 }
 
-/// What the language-model code needs from a preset model (f32, CPU). Implemented for every
-/// [`Megalodon`] type.
-pub trait TextModel: Trainable<f32, Cpu, Batch = Batch, Config = ModelConf> + Sized {
+/// What the language-model code needs from a preset model (f32, on device `D`: the CPU unless
+/// said otherwise). Implemented for every [`Megalodon`] type.
+pub trait TextModel<D: MegaDevice<f32> = Cpu>:
+    Trainable<f32, D, Batch = Batch, Config = ModelConf> + Sized
+{
     /// Streaming state (constant size in the number of tokens processed).
     type State;
     /// The compile-time widths.
     fn dims() -> Dims;
     /// A fresh model (deterministic in `seed`); the config must match the widths.
-    fn build(dev: &Cpu, conf: ModelConf, seed: u64) -> Result<Self>;
+    fn build(dev: &D, conf: ModelConf, seed: u64) -> Result<Self>;
     /// Loads `config.json` + `model.safetensors` from a checkpoint directory.
-    fn load_dir(dev: &Cpu, dir: &Path) -> Result<Self>;
+    fn load_dir(dev: &D, dir: &Path) -> Result<Self>;
     /// The run-time config.
     fn model_conf(&self) -> &ModelConf;
     /// A fresh streaming state for one row.
@@ -130,19 +133,20 @@ impl<
         const F: usize,
         const N: usize,
         const G: usize,
-    > TextModel for Megalodon<L, M, Z, V, H, F, N, G, f32, Cpu>
+        D: MegaDevice<f32>,
+    > TextModel<D> for Megalodon<L, M, Z, V, H, F, N, G, f32, D>
 {
-    type State = ModelState<M, H, N, G, f32, Cpu>;
+    type State = ModelState<M, H, N, G, f32, D>;
 
     fn dims() -> Dims {
         Self::DIMS
     }
 
-    fn build(dev: &Cpu, conf: ModelConf, seed: u64) -> Result<Self> {
+    fn build(dev: &D, conf: ModelConf, seed: u64) -> Result<Self> {
         Self::new(dev, conf, seed)
     }
 
-    fn load_dir(dev: &Cpu, dir: &Path) -> Result<Self> {
+    fn load_dir(dev: &D, dir: &Path) -> Result<Self> {
         Self::load_run(dev, dir)
     }
 

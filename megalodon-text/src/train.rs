@@ -12,6 +12,7 @@ use crate::{TrainWindows, ValWindows};
 use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::{load_run_weights, save_run, CONFIG_FILE};
+use megalodon_core::device::MegaDevice;
 use megalodon_core::fit::{fit_with, latest_checkpoint, FitConf, Progress, StepLog};
 use megalodon_core::optim::{OptimConf, Schedule};
 use megalodon_core::ModelConf;
@@ -177,7 +178,10 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
 const FNV_INIT: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// Mean validation loss over `val` (all its windows).
-pub fn validation_loss<P: TextModel>(model: &P, val: &ValWindows) -> Result<f64> {
+pub fn validation_loss<P: TextModel<D>, D: MegaDevice<f32>>(
+    model: &P,
+    val: &ValWindows,
+) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
     for b in val.iter() {
         let (s, k) = model.loss_sum(&b)?;
@@ -188,14 +192,17 @@ pub fn validation_loss<P: TextModel>(model: &P, val: &ValWindows) -> Result<f64>
     Ok(sum / n as f64)
 }
 
-struct Hooks<'a, F> {
+struct Hooks<'a, F, D> {
+    device: std::marker::PhantomData<D>,
     val: &'a ValWindows,
     on_event: F,
     /// An error returned by `on_event`, raised before the next step.
     stop: &'a std::cell::RefCell<Option<anyhow::Error>>,
 }
 
-impl<P: TextModel, F: FnMut(TrainEvent) -> Result<()>> Progress<P> for Hooks<'_, F> {
+impl<P: TextModel<D>, D: MegaDevice<f32>, F: FnMut(TrainEvent) -> Result<()>> Progress<P>
+    for Hooks<'_, F, D>
+{
     fn on_step(&mut self, log: &StepLog) {
         if let Err(e) = (self.on_event)(TrainEvent::Step(log)) {
             self.stop.borrow_mut().get_or_insert(e);
@@ -221,8 +228,17 @@ fn non_empty(dir: &Path) -> Result<bool> {
 /// stay, so the run can be resumed) and is returned.
 pub fn train<P: TextModel>(
     opts: &TrainOptions,
-    mut on_event: impl FnMut(TrainEvent) -> Result<()>,
+    on_event: impl FnMut(TrainEvent) -> Result<()>,
 ) -> Result<(LanguageModel<P>, TrainReport)> {
+    train_on::<P, Cpu>(&Cpu::default(), opts, on_event)
+}
+
+/// [`train`] on device `dev` (e.g. a CUDA device in a build with the `cuda` feature).
+pub fn train_on<P: TextModel<D>, D: MegaDevice<f32>>(
+    dev: &D,
+    opts: &TrainOptions,
+    mut on_event: impl FnMut(TrainEvent) -> Result<()>,
+) -> Result<(LanguageModel<P, D>, TrainReport)> {
     let t0 = Instant::now();
     opts.validate()?;
     let out = &opts.out;
@@ -251,7 +267,6 @@ pub fn train<P: TextModel>(
     let corpus = Corpus::load(&source).with_context(|| "--data".to_string())?;
     let split = corpus.split(opts.val_fraction)?;
     // Tokenizer and (for --init) the starting weights.
-    let dev: Cpu = Default::default();
     let run_tok = out.join(TOKENIZER_FILE);
     let mut init_model = None;
     let (tokenizer, trained_tokenizer) = if let Some(path) = &opts.tokenizer {
@@ -259,7 +274,7 @@ pub fn train<P: TextModel>(
     } else if resuming {
         (Tokenizer::from_file(&run_tok)?, false)
     } else if let Some(init) = &opts.init {
-        let lm = LanguageModel::<P>::load(init).context("--init")?;
+        let lm = LanguageModel::<P, D>::load_on(dev, init).context("--init")?;
         let tok = lm.tokenizer().clone();
         init_model = Some(lm);
         (tok, false)
@@ -307,13 +322,13 @@ pub fn train<P: TextModel>(
             );
             conf.chunk_size = chunk;
             let dir = resolve_run(init)?;
-            let mut m = P::build(&dev, conf, opts.seed)
+            let mut m = P::build(dev, conf, opts.seed)
                 .with_context(|| format!("--init {}", dir.join(CONFIG_FILE).display()))?;
             load_run_weights(&dir, &mut m).context("--init")?;
             m
         }
         None => P::build(
-            &dev,
+            dev,
             ModelConf::from_dims(P::dims(), chunk, vocab),
             opts.seed,
         )?,
@@ -394,6 +409,7 @@ pub fn train<P: TextModel>(
     };
     let stop = std::cell::RefCell::new(None);
     let mut hooks = Hooks {
+        device: std::marker::PhantomData,
         val: &val,
         on_event: &mut on_event,
         stop: &stop,
