@@ -37,6 +37,7 @@ WHEELS=(
     nvidia-cuda-runtime==13.0.48
     nvidia-cuda-nvrtc==13.0.48
     nvidia-cublas==13.0.0.19
+    nvidia-cuda-cccl==13.0.50 # nv/target, which cuda_fp16.h includes
 )
 
 say() { echo "== $*" >&2; }
@@ -77,10 +78,22 @@ STUB="$CACHE/stub"
 mkdir -p "$STUB"
 if [ ! -f "$STUB/libcuda.so" ] || [ "$CUDARC_SRC/src/driver/sys.rs" -nt "$STUB/libcuda.so" ]; then
     say "generating the link-only libcuda stub from $CUDARC_SRC/src/driver/sys.rs"
+    # every call fails with CUDA_ERROR_UNKNOWN (999); the error-message calls answer, so that a
+    # binary run against the stub reports "no driver" instead of crashing
     grep -oE 'pub fn cu[A-Za-z0-9_]+' "$CUDARC_SRC/src/driver/sys.rs" | awk '{print $3}' | sort -u |
+        grep -vE '^cuGetError(String|Name)$' |
         awk '{printf "int %s(void) { return 999; }\n", $1}' >"$STUB/stub.c"
+    for f in cuGetErrorString cuGetErrorName; do
+        printf 'int %s(int e, const char **s) { (void)e; if (s) *s = "link-only stub: no CUDA driver"; return 0; }\n' "$f" >>"$STUB/stub.c"
+    done
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so" "$STUB/stub.c"
     ln -sfn libcuda.so "$STUB/libcuda.so.1"
+fi
+# dfdx asks the linker for -lcurand, but nothing in these binaries calls cuRAND (`--as-needed`
+# drops it; a call would fail this link with an undefined symbol): an empty stand-in.
+if [ ! -f "$STUB/libcurand.so" ]; then
+    echo 'void megalodon_no_curand(void) {}' >"$STUB/curand.c"
+    gcc -shared -fPIC -Wl,-soname,libcurand.so.10 -o "$STUB/libcurand.so" "$STUB/curand.c"
 fi
 
 # --- 3. nvidia-smi shim ---------------------------------------------------------------------
@@ -107,10 +120,10 @@ TESTS=(cuda)
 say "building the CUDA tests (${TESTS[*]}) and examples"
 test_args=()
 for t in "${TESTS[@]}"; do test_args+=(--test "$t"); done
-cargo test --release -p megalodon-core --features cuda "${test_args[@]}" --no-run 2>&1 | tail -n 3
-cargo test --release -p megalodon --features cuda --test cuda_heads --no-run 2>&1 | tail -n 3
+cargo test --release -p megalodon-core --features cuda "${test_args[@]}" --no-run 2>&1 | grep -v "^ *Compiling "
+cargo test --release -p megalodon --features cuda --test cuda_heads --no-run 2>&1 | grep -v "^ *Compiling "
 cargo build --release -p megalodon --features cuda \
-    --example bench_scaling --example text --example vision --example audio 2>&1 | tail -n 3
+    --example bench_scaling --example text --example vision --example audio 2>&1 | grep -v "^ *Compiling "
 
 # --- 5. bundle ------------------------------------------------------------------------------
 say "assembling $BUNDLE"
@@ -128,7 +141,10 @@ for e in bench_scaling text vision audio; do
     cp "$CARGO_TARGET_DIR/release/examples/$e" "$BUNDLE/bin/$e"
 done
 strip "$BUNDLE"/bin/*
-cp -r "$T/include" "$BUNDLE/include"
+# NVRTC needs the plain headers (cuda_fp16.h and what it includes, nv/target among them) but
+# not the 17 MB CCCL tree (thrust, cub, libcu++'s cccl/ copy).
+mkdir -p "$BUNDLE/include"
+(cd "$T/include" && tar cf - --exclude=./cccl .) | (cd "$BUNDLE/include" && tar xf -)
 DFDX_OUT="$(ls -td "$CARGO_TARGET_DIR"/release/build/dfdx-*/out 2>/dev/null | while read -r d; do
     ls "$d"/*.cuh >/dev/null 2>&1 && echo "$d"; done | head -n1)"
 [ -n "$DFDX_OUT" ] || { echo "error: dfdx's OUT_DIR with .cuh files not found" >&2; exit 1; }

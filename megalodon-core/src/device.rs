@@ -93,19 +93,35 @@ impl MegaDevice<f64> for Cuda {}
 #[cfg(feature = "cuda")]
 pub fn cuda_device() -> Result<Cuda> {
     use cudarc::driver::result;
-    result::init().map_err(|e| anyhow::anyhow!("the CUDA driver did not initialise: {e:?}"))?;
+    result::init()
+        .map_err(|e| anyhow::anyhow!("the CUDA driver did not initialise: {}", driver_error(&e)))?;
     let n = result::device::get_count()
-        .map_err(|e| anyhow::anyhow!("counting CUDA devices failed: {e:?}"))?;
+        .map_err(|e| anyhow::anyhow!("counting CUDA devices failed: {}", driver_error(&e)))?;
     anyhow::ensure!(n > 0, "no CUDA device is visible");
     Cuda::try_build(0, 0).map_err(|e| anyhow::anyhow!("building CUDA device 0 failed: {e:?}"))
+}
+
+/// A driver error as text. cudarc's `Debug` asks the driver for the message and panics if that
+/// fails (a broken or stand-in driver library), so the message is fetched here without
+/// unwrapping.
+#[cfg(feature = "cuda")]
+fn driver_error(e: &cudarc::driver::DriverError) -> String {
+    match e.error_string() {
+        Ok(s) => format!("{:?} ({})", e.0, s.to_string_lossy()),
+        Err(_) => format!("{:?}", e.0),
+    }
 }
 
 /// Bytes of device memory in use on the current CUDA context's device (total less free, as the
 /// driver reports it): what `bench_scaling --device cuda` records as a run's memory.
 #[cfg(feature = "cuda")]
 pub fn cuda_mem_used() -> Result<usize> {
-    let (free, total) = cudarc::driver::result::mem_get_info()
-        .map_err(|e| anyhow::anyhow!("asking the CUDA driver for free memory failed: {e:?}"))?;
+    let (free, total) = cudarc::driver::result::mem_get_info().map_err(|e| {
+        anyhow::anyhow!(
+            "asking the CUDA driver for free memory failed: {}",
+            driver_error(&e)
+        )
+    })?;
     Ok(total.saturating_sub(free))
 }
 
