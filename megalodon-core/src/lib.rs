@@ -33,6 +33,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod distributed;
+pub mod engine;
 pub mod error;
 pub mod fit;
 #[cfg(feature = "golden")]

@@ -1,0 +1,331 @@
+//! The engine's CPU backend: one block of tokens through every layer (`docs/engine.md`). Plain
+//! Rust over the state's preallocated buffers; the linear layers go through `gemm` (threaded by
+//! rayon when a product is large enough to pay for it).
+
+use super::{Engine, EngineState, Lin, NormStats, Want};
+
+/// Products with at least this many multiply-adds run on rayon's threads.
+const PARALLEL_MACS: usize = 1 << 18;
+
+/// `dst (t, out) = x (t, inp) W^T (+ b)`, or `dst += ...` when `accumulate`.
+fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool) {
+    let (out, inp) = (l.out, l.inp);
+    debug_assert!(dst.len() >= t * out && x.len() >= t * inp && l.w.len() == out * inp);
+    if t == 0 || out == 0 {
+        return;
+    }
+    let macs = t * out * inp;
+    let par = if macs >= PARALLEL_MACS {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold at least the addressed elements (checked above), `dst` does not
+    // alias `x` or the weights (distinct borrows), and nothing else touches `dst` meanwhile.
+    unsafe {
+        gemm::gemm(
+            t,
+            out,
+            inp,
+            dst.as_mut_ptr(),
+            1,
+            out as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            inp as isize,
+            l.w.as_ptr(),
+            inp as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    if let Some(b) = &l.b {
+        for row in dst[..t * out].chunks_exact_mut(out) {
+            for (y, &bb) in row.iter_mut().zip(b) {
+                *y += bb;
+            }
+        }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// TimestepNorm of `t` rows of `x` into `out`, advancing `st` one step per row.
+fn timestep_norm(
+    out: &mut [f32],
+    x: &[f32],
+    st: &mut NormStats,
+    w: &[f32],
+    b: &[f32],
+    (t, m, g): (usize, usize, usize),
+    eps: f32,
+) {
+    let gs = m / g;
+    for r in 0..t {
+        let n0 = st.count as f64;
+        let n1 = n0 + 1.0;
+        st.count += 1;
+        let xr = &x[r * m..(r + 1) * m];
+        let or = &mut out[r * m..(r + 1) * m];
+        for gi in 0..g {
+            let seg = &xr[gi * gs..(gi + 1) * gs];
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            for &v in seg {
+                s1 += v as f64;
+                s2 += (v as f64) * (v as f64);
+            }
+            let mu = s1 / gs as f64;
+            let m2 = s2 / gs as f64;
+            let (mean0, var0) = (st.mean[gi], st.var[gi]);
+            let mean = (n0 * mean0 + mu) / n1;
+            let var = (n0 * (var0 + mean0 * mean0) + m2) / n1 - mean * mean;
+            st.mean[gi] = mean;
+            st.var[gi] = var;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            for j in gi * gs..(gi + 1) * gs {
+                or[j] = (((xr[j] as f64 - mean) * rstd) as f32) * w[j] + b[j];
+            }
+        }
+    }
+}
+
+/// Normalises each `width` slice of `x` in place by its root mean square (times `w` if given).
+fn rms_rows(x: &mut [f32], width: usize, w: Option<&[f32]>, eps: f32) {
+    for row in x.chunks_exact_mut(width) {
+        let ms = row.iter().map(|&v| v * v).sum::<f32>() / width as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        match w {
+            Some(w) => row.iter_mut().zip(w).for_each(|(v, &ww)| *v = *v * r * ww),
+            None => row.iter_mut().for_each(|v| *v *= r),
+        }
+    }
+}
+
+/// Interleaved RoPE of one `dz` head vector at within-chunk position `pos`.
+fn rope(v: &mut [f32], pos: usize, freqs: &[f32]) {
+    for (j, &f) in freqs.iter().enumerate() {
+        let ang = (pos as f32 * f) as f64;
+        let (s, c) = ang.sin_cos();
+        let (s, c) = (s as f32, c as f32);
+        let (a, b) = (v[2 * j], v[2 * j + 1]);
+        v[2 * j] = a * c - b * s;
+        v[2 * j + 1] = b * c + a * s;
+    }
+}
+
+/// One block of tokens (at most `state.block`) through the model; calls `on_logits` per wanted
+/// row. Does not advance `state.position` (the caller does).
+pub(crate) fn forward_block(
+    e: &Engine,
+    state: &mut EngineState,
+    tokens: &[usize],
+    want: Want,
+    mut on_logits: impl FnMut(usize, &[f32]),
+) {
+    let d = &e.dims;
+    let t = tokens.len();
+    debug_assert!(t >= 1 && t <= state.block);
+    let (m, z, vd, h, n, g, c) = (d.m, d.z, d.v, d.h, d.n, d.g, d.chunk);
+    let (dz, dv) = (z / h, vd / h);
+    let eps = d.eps;
+    let s = &mut state.scratch;
+    for (r, &tok) in tokens.iter().enumerate() {
+        let src = &e.embed[tok * m..(tok + 1) * m];
+        for (o, &v) in s.x[r * m..(r + 1) * m].iter_mut().zip(src) {
+            *o = v * e.emb_scale;
+        }
+    }
+    for (lw, lc) in e.layers.iter().zip(state.layers.iter_mut()) {
+        // TimestepNorm -> xn
+        timestep_norm(
+            &mut s.xn,
+            &s.x,
+            &mut lc.norm,
+            &lw.tn_w,
+            &lw.tn_b,
+            (t, m, g),
+            eps,
+        );
+        // CEMA -> mx (then RMSNorm in place)
+        for r in 0..t {
+            for ch in 0..m {
+                let u = s.xn[r * m + ch];
+                let mut acc = 0.0f32;
+                for k in ch * n..(ch + 1) * n {
+                    let (hr, hi) = (lc.h_re[k], lc.h_im[k]);
+                    let nr = lw.p[k] * u + lw.q_re[k] * hr - lw.q_im[k] * hi;
+                    let ni = lw.q_im[k] * hr + lw.q_re[k] * hi;
+                    lc.h_re[k] = nr;
+                    lc.h_im[k] = ni;
+                    acc += lw.eta_re[k] * nr - lw.eta_im[k] * ni;
+                }
+                s.mx[r * m + ch] = acc + lw.omega[ch] * u;
+            }
+        }
+        rms_rows(&mut s.mx[..t * m], m, Some(&lw.rms_w), eps);
+        // shared Z -> Q, K
+        linear(&mut s.zq, &s.mx, &lw.wz, t, false);
+        rms_rows(&mut s.zq[..t * z], dz, None, eps);
+        for r in 0..t {
+            for j in 0..z {
+                let zn = s.zq[r * z + j];
+                s.q[r * z + j] = zn * lw.q_scale[j] + lw.q_off[j];
+                s.k[r * z + j] = zn * lw.k_scale[j] + lw.k_off[j];
+            }
+        }
+        // values from the TimestepNorm output, gate from MX
+        linear(&mut s.vv, &s.xn, &lw.wv, t, false);
+        s.vv[..t * vd].iter_mut().for_each(|v| *v = silu(*v));
+        linear(&mut s.r, &s.mx, &lw.wr, t, false);
+        s.r[..t * vd].iter_mut().for_each(|v| *v = silu(*v));
+        // chunk attention with RoPE restarting at every chunk
+        for r in 0..t {
+            let pos = ((state.position + r as u64) % c as u64) as usize;
+            for hd in 0..h {
+                let hz = hd * dz;
+                rope(&mut s.q[r * z + hz..r * z + hz + dz], pos, &e.freqs);
+                rope(&mut s.k[r * z + hz..r * z + hz + dz], pos, &e.freqs);
+            }
+            lc.k[pos * z..(pos + 1) * z].copy_from_slice(&s.k[r * z..(r + 1) * z]);
+            lc.v[pos * vd..(pos + 1) * vd].copy_from_slice(&s.vv[r * vd..(r + 1) * vd]);
+            for hd in 0..h {
+                let q = &s.q[r * z + hd * dz..r * z + (hd + 1) * dz];
+                let sc = &mut s.scores[..=pos];
+                let mut mx = f32::NEG_INFINITY;
+                for (j, sj) in sc.iter_mut().enumerate() {
+                    let kj = &lc.k[j * z + hd * dz..j * z + (hd + 1) * dz];
+                    *sj = q.iter().zip(kj).map(|(a, b)| a * b).sum();
+                    mx = mx.max(*sj);
+                }
+                let mut sum = 0.0f32;
+                for sj in sc.iter_mut() {
+                    *sj = (*sj - mx).exp();
+                    sum += *sj;
+                }
+                let inv = 1.0 / sum;
+                let out = &mut s.att[r * vd + hd * dv..r * vd + (hd + 1) * dv];
+                out.fill(0.0);
+                for (j, &pj) in sc.iter().enumerate() {
+                    let vj = &lc.v[j * vd + hd * dv..j * vd + (hd + 1) * dv];
+                    for (o, &vv) in out.iter_mut().zip(vj) {
+                        *o += pj * inv * vv;
+                    }
+                }
+            }
+        }
+        // Y = X + MX Wh1^T + bh1 + (A * R) Wh2^T
+        s.y[..t * m].copy_from_slice(&s.x[..t * m]);
+        linear(&mut s.y, &s.mx, &lw.wh1, t, true);
+        for (a, &rr) in s.att[..t * vd].iter_mut().zip(&s.r[..t * vd]) {
+            *a *= rr;
+        }
+        linear(&mut s.y, &s.att, &lw.wh2, t, true);
+        // normalized FFN; residual from the layer input X
+        for r in 0..t {
+            let yr = &s.y[r * m..(r + 1) * m];
+            let mean = yr.iter().sum::<f32>() / m as f32;
+            let var = yr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / m as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let out = &mut s.yn[r * m..(r + 1) * m];
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = (yr[j] - mean) * rstd * lw.ln_w[j] + lw.ln_b[j];
+            }
+        }
+        let f = lw.fc1.out;
+        linear(&mut s.u, &s.yn, &lw.fc1, t, false);
+        s.u[..t * f].iter_mut().for_each(|v| *v = silu(*v));
+        if let Some(fc3) = &lw.fc3 {
+            linear(&mut s.u3, &s.yn, fc3, t, false);
+            for (a, &b) in s.u[..t * f].iter_mut().zip(&s.u3[..t * f]) {
+                *a *= b;
+            }
+        }
+        // FFN output into xn (free now), then x += alpha * o
+        linear(&mut s.xn, &s.u, &lw.fc2, t, false);
+        for r in 0..t {
+            for j in 0..m {
+                let o = s.xn[r * m + j];
+                s.x[r * m + j] += match &lw.alpha {
+                    Some(a) => a[j] * o,
+                    None => o,
+                };
+            }
+        }
+    }
+    // final TimestepNorm and the head
+    timestep_norm(
+        &mut s.xn,
+        &s.x,
+        &mut state.final_norm,
+        &e.final_w,
+        &e.final_b,
+        (t, m, g),
+        eps,
+    );
+    let (r0, rows) = match want {
+        Want::All => (0, t),
+        Want::Last => (t - 1, 1),
+        Want::None => return,
+    };
+    let head = Lin {
+        w: Vec::new(),
+        b: None,
+        out: d.vocab,
+        inp: m,
+    };
+    let w = e.head.as_deref().unwrap_or(&e.embed);
+    head_logits(
+        &mut s.logits,
+        &s.xn[r0 * m..(r0 + rows) * m],
+        w,
+        &head,
+        rows,
+    );
+    for i in 0..rows {
+        on_logits(r0 + i, &s.logits[i * d.vocab..(i + 1) * d.vocab]);
+    }
+}
+
+/// `dst (rows, vocab) = x (rows, M) W^T` with the head weights `w` borrowed (no copy).
+fn head_logits(dst: &mut [f32], x: &[f32], w: &[f32], shape: &Lin, rows: usize) {
+    let (out, inp) = (shape.out, shape.inp);
+    let macs = rows * out * inp;
+    let par = if macs >= PARALLEL_MACS {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    debug_assert!(dst.len() >= rows * out && x.len() >= rows * inp && w.len() == out * inp);
+    // SAFETY: as in `linear`.
+    unsafe {
+        gemm::gemm(
+            rows,
+            out,
+            inp,
+            dst.as_mut_ptr(),
+            1,
+            out as isize,
+            false,
+            x.as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr(),
+            inp as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}

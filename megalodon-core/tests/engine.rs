@@ -1,0 +1,234 @@
+//! The streaming inference engine against the dfdx model and the official golden logits: full
+//! and incremental (the golden files' call splits), any block size, crossing chunks, re-windowed
+//! TimestepNorm, constant state over 100K tokens, bad input. Tolerance: 1e-4 in f32.
+
+use dfdx::prelude::*;
+use megalodon_core::engine::{Engine, EngineState, Want};
+use megalodon_core::golden::{load_params, max_abs_diff, Golden};
+use megalodon_core::nn::model::Rewindow;
+use megalodon_core::presets::Tiny;
+use megalodon_core::util::time_slice;
+use megalodon_core::ModelConf;
+use rand::{Rng, SeedableRng};
+
+const TOL: f64 = 1e-4;
+
+fn fixture(name: &str) -> Golden {
+    Golden::load(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn golden_model(g: &Golden) -> (Tiny<f32, Cpu>, ModelConf) {
+    let conf: ModelConf = serde_json::from_value(g.value(&["config"]).unwrap().clone()).unwrap();
+    let mut m = Tiny::<f32, Cpu>::new(&Cpu::default(), conf.clone(), 0).unwrap();
+    load_params(&mut m, g, &["params"]).unwrap();
+    (m, conf)
+}
+
+/// Feeds one row of `tokens` in calls of the given lengths; returns all logits `(len, vocab)`.
+fn stream(engine: &Engine, state: &mut EngineState, tokens: &[usize], calls: &[usize]) -> Vec<f64> {
+    let v = engine.dims.vocab;
+    let mut out = Vec::with_capacity(tokens.len() * v);
+    let mut pos = 0;
+    for &n in calls {
+        let mut rows = vec![0f32; n * v];
+        engine
+            .feed(state, &tokens[pos..pos + n], Want::All, |i, row| {
+                rows[i * v..(i + 1) * v].copy_from_slice(row)
+            })
+            .unwrap();
+        out.extend(rows.iter().map(|&x| x as f64));
+        pos += n;
+    }
+    out
+}
+
+/// The shared body: the engine's logits of every row of `tokens (b, t)`, fed in `calls`, with
+/// blocks of `block`, must equal `want (b, t', vocab)` (t' = sum of calls) within `TOL`.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    engine: &Engine,
+    tokens: &[usize],
+    b: usize,
+    t: usize,
+    calls: &[usize],
+    block: usize,
+    want: &[f64],
+    what: &str,
+) {
+    let total: usize = calls.iter().sum();
+    let mut got = Vec::new();
+    for r in 0..b {
+        let row = time_slice(tokens, b, t, 1, 0, t);
+        let row = &row[r * t..r * t + total];
+        let mut s = engine.new_state(block).unwrap();
+        got.extend(stream(engine, &mut s, row, calls));
+    }
+    let d = max_abs_diff(&got, want);
+    println!("{what}: max|diff| = {d:.3e}");
+    assert!(d < TOL, "{what}: engine logits differ by {d}");
+}
+
+#[test]
+fn engine_matches_the_golden_logits_full_and_incremental() {
+    for file in ["megalodon-golden-tiny.json", "model_swiglu.json"] {
+        let g = fixture(file);
+        let (mut m, conf) = golden_model(&g);
+        let e = Engine::from_model(&mut m, &conf).unwrap();
+        let tk = g.tensor(&["tokens"]).unwrap();
+        let (b, t) = (tk.shape[0], tk.shape[1]);
+        let toks: Vec<usize> = tk.data.iter().map(|&x| x as usize).collect();
+        let full = g.tensor(&["logits_full"]).unwrap().data;
+        for block in [1, 3, t] {
+            check(
+                &e,
+                &toks,
+                b,
+                t,
+                &[t],
+                block,
+                &full,
+                &format!("{file} full, block {block}"),
+            );
+        }
+        let split = g.usizes(&["incremental_split"]).unwrap();
+        let inc = g.tensor(&["logits_incremental"]).unwrap().data;
+        check(
+            &e,
+            &toks,
+            b,
+            t,
+            &split,
+            4,
+            &inc,
+            &format!("{file} incremental"),
+        );
+    }
+}
+
+fn random_tiny(chunk: usize, vocab: usize, seed: u64) -> (Tiny<f32, Cpu>, ModelConf) {
+    let conf = Tiny::<f32, Cpu>::default_conf(chunk, vocab);
+    (
+        Tiny::<f32, Cpu>::new(&Cpu::default(), conf.clone(), seed).unwrap(),
+        conf,
+    )
+}
+
+#[test]
+fn engine_matches_the_dfdx_model_across_chunks_and_calls() {
+    let (mut m, conf) = random_tiny(16, 97, 5);
+    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let t = 150;
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
+    let want: Vec<f64> = m
+        .forward(&toks, 1, t)
+        .unwrap()
+        .as_vec()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    check(&e, &toks, 1, t, &[t], 1, &want, "150 tokens, block 1");
+    check(&e, &toks, 1, t, &[t], 64, &want, "150 tokens, block 64");
+    check(
+        &e,
+        &toks,
+        1,
+        t,
+        &[7, 1, 40, 16, 86],
+        5,
+        &want,
+        "150 tokens in 5 calls",
+    );
+    // only the last row, and no rows
+    let mut s = e.new_state(32).unwrap();
+    let mut last = Vec::new();
+    e.feed(&mut s, &toks, Want::Last, |i, row| {
+        assert_eq!(i, t - 1);
+        last = row.to_vec();
+    })
+    .unwrap();
+    let d = max_abs_diff(
+        &last.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        &want[(t - 1) * 97..],
+    );
+    assert!(d < TOL, "last-row logits differ by {d}");
+    let mut s2 = e.new_state(32).unwrap();
+    e.feed(&mut s2, &toks, Want::None, |_, _| panic!("no logits asked"))
+        .unwrap();
+    assert_eq!(s2.position, t as u64);
+}
+
+#[test]
+fn engine_rewindowed_matches_the_dfdx_rewindowed_stream() {
+    let chunk = 8;
+    let (mut m, conf) = random_tiny(chunk, 61, 9);
+    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let rw = Rewindow::new(4, 2);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let t = 12 * chunk;
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..61)).collect();
+    let calls = vec![chunk; t / chunk];
+    let mut ds = m.new_state_rewindowed(1, rw.clone()).unwrap();
+    let want: Vec<f64> = m
+        .forward_in_calls(&toks, 1, t, &calls, &mut ds)
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let mut es = e.new_state_rewindowed(chunk, rw).unwrap();
+    let got = stream(&e, &mut es, &toks, &calls);
+    let d = max_abs_diff(&got, &want);
+    println!("re-windowed: max|diff| = {d:.3e}");
+    assert!(d < TOL, "re-windowed logits differ by {d}");
+    // and it is not the cumulative stream (the re-windowing did something)
+    let mut cs = e.new_state(chunk).unwrap();
+    let cum = stream(&e, &mut cs, &toks, &calls);
+    assert!(max_abs_diff(&cum, &want) > 1e-3);
+}
+
+#[test]
+fn engine_state_stays_constant_over_100k_tokens() {
+    let (mut m, conf) = random_tiny(16, 50, 2);
+    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let mut s = e.new_state(64).unwrap();
+    let bytes0 = Engine::state_bytes(&s);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let block: Vec<usize> = (0..1000).map(|_| rng.gen_range(0..50)).collect();
+    let mut last = 0f32;
+    for _ in 0..100 {
+        e.feed(&mut s, &block, Want::Last, |_, row| last = row[0])
+            .unwrap();
+        assert_eq!(Engine::state_bytes(&s), bytes0, "a buffer grew");
+    }
+    assert_eq!(s.position, 100_000);
+    assert!(last.is_finite());
+    println!("state: {bytes0} bytes after 0 and 100000 tokens");
+}
+
+#[test]
+fn engine_rejects_bad_input() {
+    let (mut m, conf) = random_tiny(8, 20, 1);
+    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let mut s = e.new_state(4).unwrap();
+    let err = e.feed(&mut s, &[1, 20], Want::All, |_, _| {}).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("token id 20 at position 1"),
+        "{err:#}"
+    );
+    let err = e.feed(&mut s, &[], Want::All, |_, _| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("empty prompt"), "{err:#}");
+    let (mut m2, conf2) = random_tiny(8, 20, 2);
+    let e2 = Engine::from_model(&mut m2, &conf2).unwrap();
+    let err = e2.feed(&mut s, &[1], Want::All, |_, _| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("another model"), "{err:#}");
+    assert!(e.new_state(0).is_err());
+    // weights of another preset
+    let mut other = conf.clone();
+    other.ffn_hidden_dim = 64;
+    let err = Engine::from_model(&mut m, &other).unwrap_err();
+    assert!(format!("{err:#}").contains("nffn.fc1.weight"), "{err:#}");
+}
