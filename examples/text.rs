@@ -14,6 +14,7 @@ use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use megalodon::cli::{check_device, Bar, TrainFlags};
 use megalodon_core::device::MegaDevice;
+use megalodon_core::nn::model::Rewindow;
 use megalodon_core::plot::{line_plot, Series};
 use megalodon_core::presets::{Small, Tiny};
 use megalodon_text::baseline::{compare, CompareOptions};
@@ -147,6 +148,9 @@ struct GenerateArgs {
     tokens: usize,
     #[command(flatten)]
     sample: SampleFlags,
+    /// Run the dfdx model's forward_stream instead of the streaming engine (the reference path).
+    #[arg(long)]
+    reference: bool,
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +173,13 @@ struct EvalArgs {
     /// PNG plot of perplexity against context (default: RUN/eval_context.png).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Re-windowed TimestepNorm statistics (the official long-context evaluation: a sliding
+    /// window of 8 chunks refreshed every 2) instead of cumulative ones.
+    #[arg(long)]
+    rewindow: bool,
+    /// Run the dfdx model's forward_stream instead of the streaming engine (the reference path).
+    #[arg(long)]
+    reference: bool,
 }
 
 #[derive(Args, Debug)]
@@ -350,7 +361,8 @@ fn generate<P: TextModel>(a: &GenerateArgs) -> Result<()> {
     ensure!(a.tokens >= 1, "--tokens must be at least 1");
     let sampling = a.sample.sampling();
     sampling.validate()?;
-    let lm = LanguageModel::<P>::load(&a.run)?;
+    let mut lm = LanguageModel::<P>::load(&a.run)?;
+    lm.use_engine(!a.reference);
     print!("{}", a.prompt);
     std::io::stdout().flush().ok();
     let g = lm.generate(&a.prompt, a.tokens, &sampling, |t| {
@@ -372,7 +384,15 @@ fn generate<P: TextModel>(a: &GenerateArgs) -> Result<()> {
 }
 
 fn eval<P: TextModel>(a: &EvalArgs) -> Result<()> {
-    let lm = LanguageModel::<P>::load(&a.run)?;
+    let mut lm = LanguageModel::<P>::load(&a.run)?;
+    lm.use_engine(!a.reference);
+    if a.rewindow {
+        ensure!(
+            !a.reference,
+            "--rewindow runs on the streaming engine: drop --reference"
+        );
+        lm.set_rewindow(Some(Rewindow::official()));
+    }
     let corpus = Corpus::load(&a.data).context("--data")?;
     let texts = corpus.texts();
     let tok = lm.tokenizer();
@@ -387,12 +407,14 @@ fn eval<P: TextModel>(a: &EvalArgs) -> Result<()> {
         bytes += tok.decode(&ids[s.clone()])?.len();
     }
     println!(
-        "{}: {} tokens; {} spans of {} tokens scored ({} tokens, {bytes} bytes) at every context; {:.1}s",
+        "{}: {} tokens; {} spans of {} tokens scored ({} tokens, {bytes} bytes) at every context; {} TimestepNorm, {}; {:.1}s",
         a.data.display(),
         ids.len(),
         spans.len(),
         a.scored,
         scores[0].scored,
+        if a.rewindow { "re-windowed (8 chunks, every 2)" } else { "cumulative" },
+        if a.reference { "dfdx forward_stream" } else { "streaming engine" },
         t0.elapsed().as_secs_f64()
     );
     println!("| context | nll (nats/token) | perplexity | bits per byte |");

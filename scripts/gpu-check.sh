@@ -76,14 +76,19 @@ for pair in "$BAKED_CUDA_INCLUDE=$BUNDLE/include" "$BAKED_DFDX_OUT=$BUNDLE/dfdx-
     log "baked path $dst -> $(readlink -f "$dst")"
 done
 export MEGALODON_FIXTURES="$BUNDLE/fixtures"
-for b in "$BUNDLE"/bin/*; do
+
+# the bundle's binaries are gzipped (scripts/cuda-build.sh); unpack them outside $OUT
+B="${TMPDIR:-/tmp}/megalodon-gpu-bin"
+rm -rf "$B" && mkdir -p "$B"
+for z in "$BUNDLE"/bin/*.gz; do
+    gunzip -c "$z" >"$B/$(basename "$z" .gz)" && chmod +x "$B/$(basename "$z" .gz)"
+done
+for b in "$B"/*; do
     if ldd "$b" | grep -q 'not found'; then
         log "missing libraries for $(basename "$b"):"
         ldd "$b" | grep 'not found' | tee -a "$LOG"
     fi
 done
-
-B="$BUNDLE/bin"
 run "core CUDA test (golden parity, streaming, training)" 90 "$B/test-cuda" --nocapture --test-threads=1
 run "heads on CUDA vs CPU (gradients; text, vision, audio training)" 120 "$B/test-cuda_heads" --nocapture --test-threads=1
 run "bench Small 4K/32K/128K" 90 "$B/bench_scaling" --device cuda --preset small \

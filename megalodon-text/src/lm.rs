@@ -40,6 +40,8 @@ use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::CONFIG_FILE;
 use megalodon_core::device::MegaDevice;
+use megalodon_core::engine::{Engine, EngineState, Want};
+use megalodon_core::nn::model::Rewindow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -154,6 +156,17 @@ pub struct LanguageModel<P: TextModel<D>, D: MegaDevice<f32> = Cpu> {
     model: P,
     tokenizer: Tokenizer,
     device: std::marker::PhantomData<D>,
+    /// The streaming engine (the model's weights copied once): generation and scoring run on it
+    /// unless [`LanguageModel::use_engine`] turned it off.
+    engine: Engine,
+    use_engine: bool,
+    rewindow: Option<Rewindow>,
+}
+
+/// A stream through the dfdx model or through the engine.
+enum Stream<S> {
+    Model(S),
+    Engine(Box<EngineState>),
 }
 
 impl<P: TextModel<D>, D: MegaDevice<f32> + Default> LanguageModel<P, D> {
@@ -165,6 +178,62 @@ impl<P: TextModel<D>, D: MegaDevice<f32> + Default> LanguageModel<P, D> {
 }
 
 impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
+    fn assemble(mut model: P, tokenizer: Tokenizer) -> Result<Self> {
+        let conf = model.model_conf().clone();
+        let engine = Engine::from_model(&mut model, &conf)
+            .context("copying the weights into the streaming engine")?;
+        Ok(LanguageModel {
+            model,
+            tokenizer,
+            device: std::marker::PhantomData,
+            engine,
+            use_engine: true,
+            rewindow: None,
+        })
+    }
+
+    /// Whether generation and scoring run on the streaming engine (`true`, the default) or on
+    /// the dfdx model's `forward_stream` (the reference; slower).
+    pub fn use_engine(&mut self, on: bool) -> &mut Self {
+        self.use_engine = on;
+        self
+    }
+
+    /// TimestepNorm statistics for generation and scoring: `None` (default) cumulative over the
+    /// whole stream, or re-windowed as in the official long-context evaluation
+    /// (`Rewindow::official()`: 8 chunks, every 2; needs the engine).
+    pub fn set_rewindow(&mut self, rewindow: Option<Rewindow>) -> &mut Self {
+        self.rewindow = rewindow;
+        self
+    }
+
+    /// The streaming engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn fresh_stream(&self) -> Result<Stream<P::State>> {
+        match (&self.rewindow, self.use_engine) {
+            (None, false) => Ok(Stream::Model(self.model.fresh_state())),
+            (None, true) => Ok(Stream::Engine(Box::new(
+                self.engine.new_state(PREFILL_BLOCK)?,
+            ))),
+            // blocks of one chunk: the statistics are refreshed at the chunk boundaries, as in
+            // the official evaluation loop
+            (Some(rw), true) => Ok(Stream::Engine(Box::new(
+                self.engine
+                    .new_state_rewindowed(self.engine.dims.chunk, rw.clone())?,
+            ))),
+            (Some(_), false) => bail!("re-windowed TimestepNorm needs the streaming engine"),
+        }
+    }
+
+    fn stream_bytes(&self, st: &Stream<P::State>) -> usize {
+        match st {
+            Stream::Model(s) => P::state_bytes(s),
+            Stream::Engine(s) => Engine::state_bytes(s),
+        }
+    }
     /// Pairs a model with a tokenizer; the tokenizer's ids must fit the model's vocabulary.
     pub fn new(model: P, tokenizer: Tokenizer) -> Result<Self> {
         let v = model.model_conf().vocab_size;
@@ -177,11 +246,7 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
                 .unwrap_or_else(|| "the tokenizer".into()),
             tokenizer.vocab_size()
         );
-        Ok(LanguageModel {
-            model,
-            tokenizer,
-            device: std::marker::PhantomData,
-        })
+        Self::assemble(model, tokenizer)
     }
 
     /// Loads a run directory (its latest checkpoint) or a checkpoint directory onto `dev`:
@@ -202,11 +267,7 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
             tokenizer.vocab_size(),
             dir.join(CONFIG_FILE).display()
         );
-        Ok(LanguageModel {
-            model,
-            tokenizer,
-            device: std::marker::PhantomData,
-        })
+        Self::assemble(model, tokenizer)
     }
 
     /// The model.
@@ -237,19 +298,35 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
         Ok(())
     }
 
-    /// Feeds `ids` to `state` in blocks of [`PREFILL_BLOCK`]; `on_rows(offset, logits)` sees each
-    /// block's logits (row-major `(block, vocab)`, `offset` = index of the block's first token).
+    /// Feeds `ids` to the stream; `on_row(i, logits)` sees the logits of every token `i` of
+    /// `ids` (all of them, or only the last with `last_only`). The dfdx path feeds blocks of
+    /// [`PREFILL_BLOCK`]; the engine its state's block size.
     fn feed(
         &self,
         ids: &[usize],
-        state: &mut P::State,
-        mut on_rows: impl FnMut(usize, &[f32]) -> Result<()>,
+        st: &mut Stream<P::State>,
+        last_only: bool,
+        mut on_row: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
-        for (k, block) in ids.chunks(PREFILL_BLOCK).enumerate() {
-            let logits = self.model.stream(block, state)?;
-            on_rows(k * PREFILL_BLOCK, &logits)?;
+        match st {
+            Stream::Model(state) => {
+                let v = self.vocab_size();
+                for (k, block) in ids.chunks(PREFILL_BLOCK).enumerate() {
+                    let logits = self.model.stream(block, state)?;
+                    for (r, row) in logits.chunks(v).enumerate() {
+                        let i = k * PREFILL_BLOCK + r;
+                        if !last_only || i + 1 == ids.len() {
+                            on_row(i, row);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Stream::Engine(state) => {
+                let want = if last_only { Want::Last } else { Want::All };
+                self.engine.feed(state, ids, want, on_row)
+            }
         }
-        Ok(())
     }
 
     /// Encodes `prompt` and generates up to `max_tokens` tokens (stopping early at the
@@ -285,12 +362,9 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
         let mut sampler = Sampler::new(sampling)?;
         let v = self.vocab_size();
         let t0 = Instant::now();
-        let mut state = self.model.fresh_state();
-        let mut last = Vec::new();
-        self.feed(prompt, &mut state, |_, rows| {
-            last = rows[rows.len() - v..].to_vec();
-            Ok(())
-        })?;
+        let mut state = self.fresh_stream()?;
+        let mut last = vec![0f32; v];
+        self.feed(prompt, &mut state, true, |_, row| last.copy_from_slice(row))?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let stop = self.tokenizer.end_of_text();
@@ -316,7 +390,7 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
             if Some(id) == stop || i + 1 == max_tokens {
                 break;
             }
-            last = self.model.stream(&[id], &mut state)?;
+            self.feed(&[id], &mut state, true, |_, row| last.copy_from_slice(row))?;
         }
         let text = self.tokenizer.decode(&ids)?;
         Ok(Generation {
@@ -325,7 +399,7 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
             text,
             prefill_secs,
             decode_secs: t1.elapsed().as_secs_f64(),
-            state_bytes: P::state_bytes(&state),
+            state_bytes: self.stream_bytes(&state),
         })
     }
 
@@ -343,23 +417,18 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
             tokens.len()
         );
         self.check_ids(tokens)?;
-        let v = self.vocab_size();
-        let mut state = self.model.fresh_state();
+        let mut state = self.fresh_stream()?;
         let mut score = Score {
             nll_sum: 0.0,
             scored: 0,
         };
         // Input position i predicts token i + 1; score positions context-1 ..= len-2.
         let inputs = &tokens[..tokens.len() - 1];
-        self.feed(inputs, &mut state, |offset, rows| {
-            for (r, row) in rows.chunks(v).enumerate() {
-                let i = offset + r;
-                if i + 1 >= context {
-                    score.nll_sum += nll(row, tokens[i + 1]);
-                    score.scored += 1;
-                }
+        self.feed(inputs, &mut state, false, |i, row| {
+            if i + 1 >= context {
+                score.nll_sum += nll(row, tokens[i + 1]);
+                score.scored += 1;
             }
-            Ok(())
         })?;
         Ok(score)
     }

@@ -329,3 +329,29 @@ fn head_logits(dst: &mut [f32], x: &[f32], w: &[f32], shape: &Lin, rows: usize) 
         );
     }
 }
+
+/// The matrix-vector products of one decoded token and nothing else (every linear layer of every
+/// layer and the head, on the state's scratch rows): the bound `bench_stream` compares with.
+pub(crate) fn matvecs_only(e: &Engine, state: &mut EngineState) {
+    let s = &mut state.scratch;
+    for lw in &e.layers {
+        linear(&mut s.zq, &s.mx, &lw.wz, 1, false);
+        linear(&mut s.vv, &s.xn, &lw.wv, 1, false);
+        linear(&mut s.r, &s.mx, &lw.wr, 1, false);
+        linear(&mut s.y, &s.mx, &lw.wh1, 1, true);
+        linear(&mut s.y, &s.att, &lw.wh2, 1, true);
+        linear(&mut s.u, &s.yn, &lw.fc1, 1, false);
+        if let Some(fc3) = &lw.fc3 {
+            linear(&mut s.u3, &s.yn, fc3, 1, false);
+        }
+        linear(&mut s.xn, &s.u, &lw.fc2, 1, false);
+    }
+    let head = Lin {
+        w: Vec::new(),
+        b: None,
+        out: e.dims.vocab,
+        inp: e.dims.m,
+    };
+    let w = e.head.as_deref().unwrap_or(&e.embed);
+    head_logits(&mut s.logits, &s.xn[..e.dims.m], w, &head, 1);
+}

@@ -505,6 +505,17 @@ impl Engine {
         scratch + carry + 16 * state.final_norm.mean.capacity() + rw
     }
 
+    /// Seconds per token of the decode step's matrix-vector products alone (every linear layer
+    /// and the head, `reps` repetitions on `state`'s scratch; the state's stream is untouched
+    /// but its scratch values are overwritten): the bound a decode step can approach.
+    pub fn time_matvecs(&self, state: &mut EngineState, reps: usize) -> f64 {
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            cpu::matvecs_only(self, state);
+        }
+        t0.elapsed().as_secs_f64() / reps.max(1) as f64
+    }
+
     /// Feeds `tokens` (one sequence) through the stream `state` and calls `on_logits(i, row)`
     /// with the logits of token `i` of this call for the tokens `want` asks for. Any split of a
     /// sequence into calls gives the same logits.
