@@ -141,6 +141,7 @@ fn main() -> Result<()> {
                 let tok = rng.gen_range(0..VOCAB);
                 let l = model.forward_stream(&[tok], 1, 1, &mut ds)?;
                 sink += l.as_vec()[tok];
+                ensure!(sink.is_finite(), "non-finite dfdx logits");
                 done += 1;
             }
             let n = cp - dfdx_rows.last().map_or(0, |r: &(u64, f64)| r.0);

@@ -4,14 +4,83 @@
 
 use super::{Engine, EngineState, Lin, NormStats, Want};
 
-/// Products with at least this many multiply-adds run on rayon's threads.
-const PARALLEL_MACS: usize = 1 << 18;
+/// Products with at least this many multiply-adds run on rayon's threads (below it, measured on
+/// 2 cores with `bench_stream`, the thread hand-offs cost more than they save).
+const PARALLEL_MACS: usize = 1 << 20;
+
+/// Dot product with 32 independent lanes (vectorised by the compiler).
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..32 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `dst[o] (+)= W[o, :] . x` for the rows of `w` (row-major `(dst.len(), x.len())`).
+fn gemv_rows(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { gemv_rows_avx2(dst, w, x, accumulate) };
+            return;
+        }
+    }
+    gemv_rows_generic(dst, w, x, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_rows_avx2(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
+    gemv_rows_generic(dst, w, x, accumulate)
+}
+
+#[inline(always)]
+fn gemv_rows_generic(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
+    for (y, row) in dst.iter_mut().zip(w.chunks_exact(x.len())) {
+        let v = dot_lanes(row, x);
+        *y = if accumulate { *y + v } else { v };
+    }
+}
+
+/// One row: `dst (out) (+)= W x`, split over rayon's threads when the matrix is large.
+fn gemv(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
+    use rayon::prelude::*;
+    let (out, inp) = (dst.len(), x.len());
+    if out * inp >= PARALLEL_MACS && rayon::current_num_threads() > 1 {
+        let rows = out.div_ceil(rayon::current_num_threads() * 4).max(16);
+        dst.par_chunks_mut(rows)
+            .zip(w.par_chunks(rows * inp))
+            .for_each(|(d, wc)| gemv_rows(d, wc, x, accumulate));
+    } else {
+        gemv_rows(dst, w, x, accumulate);
+    }
+}
 
 /// `dst (t, out) = x (t, inp) W^T (+ b)`, or `dst += ...` when `accumulate`.
 fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool) {
     let (out, inp) = (l.out, l.inp);
     debug_assert!(dst.len() >= t * out && x.len() >= t * inp && l.w.len() == out * inp);
     if t == 0 || out == 0 {
+        return;
+    }
+    if t == 1 {
+        gemv(&mut dst[..out], &l.w, &x[..inp], accumulate);
+        if let Some(b) = &l.b {
+            for (y, &bb) in dst[..out].iter_mut().zip(b) {
+                *y += bb;
+            }
+        }
         return;
     }
     let macs = t * out * inp;
@@ -121,6 +190,101 @@ fn rope(v: &mut [f32], pos: usize, freqs: &[f32]) {
     }
 }
 
+/// One head's view of the current chunk's cache: keys `(C, z)` at column `kz`, values `(C, vd)`
+/// at column `kv`.
+struct Head<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    z: usize,
+    vd: usize,
+    kz: usize,
+    kv: usize,
+}
+
+/// Softmax attention of one query over cache rows `0..scores.len()` into `out` (dv values).
+fn attend(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { attend_avx2(q, hd, scores, out) };
+            return;
+        }
+    }
+    attend_generic(q, hd, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
+    attend_generic(q, hd, scores, out)
+}
+
+#[inline(always)]
+fn attend_generic(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
+    let dz = q.len();
+    let dv = out.len();
+    let mut mx = f32::NEG_INFINITY;
+    for (j, sj) in scores.iter_mut().enumerate() {
+        let kj = &hd.k[j * hd.z + hd.kz..j * hd.z + hd.kz + dz];
+        *sj = dot_lanes(q, kj);
+        mx = mx.max(*sj);
+    }
+    let mut sum = 0.0f32;
+    for sj in scores.iter_mut() {
+        *sj = (*sj - mx).exp();
+        sum += *sj;
+    }
+    let inv = 1.0 / sum;
+    for sj in scores.iter_mut() {
+        *sj *= inv;
+    }
+    let threads = rayon::current_num_threads();
+    if scores.len() * dv >= PARALLEL_MACS && threads > 1 && dv >= 64 {
+        // the weighted sum of values, split over the value columns
+        use rayon::prelude::*;
+        let cols = dv.div_ceil(threads).next_multiple_of(16);
+        let scores = &*scores;
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, o)| weighted_values(scores, hd, i * cols, o));
+    } else {
+        weighted_values(scores, hd, 0, out);
+    }
+}
+
+/// `out = sum_j p_j v_j[c0..c0 + out.len()]` over the cache rows.
+fn weighted_values(p: &[f32], hd: &Head, c0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { weighted_values_avx2(p, hd, c0, out) };
+            return;
+        }
+    }
+    weighted_values_generic(p, hd, c0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_values_avx2(p: &[f32], hd: &Head, c0: usize, out: &mut [f32]) {
+    weighted_values_generic(p, hd, c0, out)
+}
+
+#[inline(always)]
+fn weighted_values_generic(p: &[f32], hd: &Head, c0: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    let n = out.len();
+    for (j, &pj) in p.iter().enumerate() {
+        let base = j * hd.vd + hd.kv + c0;
+        let vj = &hd.v[base..base + n];
+        for (o, &vv) in out.iter_mut().zip(vj) {
+            *o = pj.mul_add(vv, *o);
+        }
+    }
+}
+
 /// One block of tokens (at most `state.block`) through the model; calls `on_logits` per wanted
 /// row. Does not advance `state.position` (the caller does).
 pub(crate) fn forward_block(
@@ -198,27 +362,16 @@ pub(crate) fn forward_block(
             lc.v[pos * vd..(pos + 1) * vd].copy_from_slice(&s.vv[r * vd..(r + 1) * vd]);
             for hd in 0..h {
                 let q = &s.q[r * z + hd * dz..r * z + (hd + 1) * dz];
-                let sc = &mut s.scores[..=pos];
-                let mut mx = f32::NEG_INFINITY;
-                for (j, sj) in sc.iter_mut().enumerate() {
-                    let kj = &lc.k[j * z + hd * dz..j * z + (hd + 1) * dz];
-                    *sj = q.iter().zip(kj).map(|(a, b)| a * b).sum();
-                    mx = mx.max(*sj);
-                }
-                let mut sum = 0.0f32;
-                for sj in sc.iter_mut() {
-                    *sj = (*sj - mx).exp();
-                    sum += *sj;
-                }
-                let inv = 1.0 / sum;
                 let out = &mut s.att[r * vd + hd * dv..r * vd + (hd + 1) * dv];
-                out.fill(0.0);
-                for (j, &pj) in sc.iter().enumerate() {
-                    let vj = &lc.v[j * vd + hd * dv..j * vd + (hd + 1) * dv];
-                    for (o, &vv) in out.iter_mut().zip(vj) {
-                        *o += pj * inv * vv;
-                    }
-                }
+                let head = Head {
+                    k: &lc.k,
+                    v: &lc.v,
+                    z,
+                    vd,
+                    kz: hd * dz,
+                    kv: hd * dv,
+                };
+                attend(q, &head, &mut s.scores[..=pos], out);
             }
         }
         // Y = X + MX Wh1^T + bh1 + (A * R) Wh2^T
@@ -297,6 +450,10 @@ pub(crate) fn forward_block(
 /// `dst (rows, vocab) = x (rows, M) W^T` with the head weights `w` borrowed (no copy).
 fn head_logits(dst: &mut [f32], x: &[f32], w: &[f32], shape: &Lin, rows: usize) {
     let (out, inp) = (shape.out, shape.inp);
+    if rows == 1 {
+        gemv(&mut dst[..out], w, &x[..inp], false);
+        return;
+    }
     let macs = rows * out * inp;
     let par = if macs >= PARALLEL_MACS {
         gemm::Parallelism::Rayon(0)
