@@ -8,6 +8,29 @@ use super::{Engine, EngineState, Lin, NormStats, Want};
 /// 2 cores with `bench_stream`, the thread hand-offs cost more than they save).
 const PARALLEL_MACS: usize = 1 << 20;
 
+/// Defines `fn $name(args)` that runs `$generic(args)` compiled for AVX2 + FMA when the CPU has
+/// them (detected at run time) and as plain code otherwise.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    unsafe { avx2($($arg),*) };
+                    return;
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
 /// Dot product with 32 independent lanes (vectorised by the compiler).
 #[inline(always)]
 fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
@@ -26,23 +49,9 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `dst[o] (+)= W[o, :] . x` for the rows of `w` (row-major `(dst.len(), x.len())`).
-fn gemv_rows(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            unsafe { gemv_rows_avx2(dst, w, x, accumulate) };
-            return;
-        }
-    }
-    gemv_rows_generic(dst, w, x, accumulate)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gemv_rows_avx2(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
-    gemv_rows_generic(dst, w, x, accumulate)
+simd_dispatch! {
+    /// `dst[o] (+)= W[o, :] . x` for the rows of `w` (row-major `(dst.len(), x.len())`).
+    fn gemv_rows(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) => gemv_rows_generic
 }
 
 #[inline(always)]
@@ -67,30 +76,33 @@ fn gemv(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
     }
 }
 
-/// `dst (t, out) = x (t, inp) W^T (+ b)`, or `dst += ...` when `accumulate`.
-fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool) {
-    let (out, inp) = (l.out, l.inp);
-    debug_assert!(dst.len() >= t * out && x.len() >= t * inp && l.w.len() == out * inp);
+/// `dst (t, out) (+)= x (t, inp) W^T` for `W` row-major `(out, inp)`: one row through [`gemv`],
+/// more through `gemm`.
+fn matmul_bt(
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    (t, out, inp): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(
+        dst.len() >= t * out && x.len() >= t * inp && w.len() == out * inp,
+        "engine: matrix product of mismatched buffers"
+    );
     if t == 0 || out == 0 {
         return;
     }
     if t == 1 {
-        gemv(&mut dst[..out], &l.w, &x[..inp], accumulate);
-        if let Some(b) = &l.b {
-            for (y, &bb) in dst[..out].iter_mut().zip(b) {
-                *y += bb;
-            }
-        }
+        gemv(&mut dst[..out], w, &x[..inp], accumulate);
         return;
     }
-    let macs = t * out * inp;
-    let par = if macs >= PARALLEL_MACS {
+    let par = if t * out * inp >= PARALLEL_MACS {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the slices hold at least the addressed elements (checked above), `dst` does not
-    // alias `x` or the weights (distinct borrows), and nothing else touches `dst` meanwhile.
+    // SAFETY: the slices hold at least the addressed elements (asserted above), `dst` does not
+    // alias `x` or `w` (distinct borrows), and nothing else touches `dst` meanwhile.
     unsafe {
         gemm::gemm(
             t,
@@ -103,7 +115,7 @@ fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool) {
             x.as_ptr(),
             1,
             inp as isize,
-            l.w.as_ptr(),
+            w.as_ptr(),
             inp as isize,
             1,
             1.0,
@@ -114,8 +126,13 @@ fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool) {
             par,
         );
     }
+}
+
+/// `dst (t, out) = x (t, inp) W^T (+ b)`, or `dst += ...` when `accumulate`.
+fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool) {
+    matmul_bt(dst, x, &l.w, (t, l.out, l.inp), accumulate);
     if let Some(b) = &l.b {
-        for row in dst[..t * out].chunks_exact_mut(out) {
+        for row in dst[..t * l.out].chunks_exact_mut(l.out) {
             for (y, &bb) in row.iter_mut().zip(b) {
                 *y += bb;
             }
@@ -201,23 +218,9 @@ struct Head<'a> {
     kv: usize,
 }
 
-/// Softmax attention of one query over cache rows `0..scores.len()` into `out` (dv values).
-fn attend(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            unsafe { attend_avx2(q, hd, scores, out) };
-            return;
-        }
-    }
-    attend_generic(q, hd, scores, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
-    attend_generic(q, hd, scores, out)
+simd_dispatch! {
+    /// Softmax attention of one query over cache rows `0..scores.len()` into `out` (dv values).
+    fn attend(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) => attend_generic
 }
 
 #[inline(always)]
@@ -253,23 +256,9 @@ fn attend_generic(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
     }
 }
 
-/// `out = sum_j p_j v_j[c0..c0 + out.len()]` over the cache rows.
-fn weighted_values(p: &[f32], hd: &Head, c0: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            unsafe { weighted_values_avx2(p, hd, c0, out) };
-            return;
-        }
-    }
-    weighted_values_generic(p, hd, c0, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_values_avx2(p: &[f32], hd: &Head, c0: usize, out: &mut [f32]) {
-    weighted_values_generic(p, hd, c0, out)
+simd_dispatch! {
+    /// `out = sum_j p_j v_j[c0..c0 + out.len()]` over the cache rows.
+    fn weighted_values(p: &[f32], hd: &Head, c0: usize, out: &mut [f32]) => weighted_values_generic
 }
 
 #[inline(always)]
@@ -428,62 +417,11 @@ pub(crate) fn forward_block(
         Want::Last => (t - 1, 1),
         Want::None => return,
     };
-    let head = Lin {
-        w: Vec::new(),
-        b: None,
-        out: d.vocab,
-        inp: m,
-    };
     let w = e.head.as_deref().unwrap_or(&e.embed);
-    head_logits(
-        &mut s.logits,
-        &s.xn[r0 * m..(r0 + rows) * m],
-        w,
-        &head,
-        rows,
-    );
+    let x = &s.xn[r0 * m..(r0 + rows) * m];
+    matmul_bt(&mut s.logits, x, w, (rows, d.vocab, m), false);
     for i in 0..rows {
         on_logits(r0 + i, &s.logits[i * d.vocab..(i + 1) * d.vocab]);
-    }
-}
-
-/// `dst (rows, vocab) = x (rows, M) W^T` with the head weights `w` borrowed (no copy).
-fn head_logits(dst: &mut [f32], x: &[f32], w: &[f32], shape: &Lin, rows: usize) {
-    let (out, inp) = (shape.out, shape.inp);
-    if rows == 1 {
-        gemv(&mut dst[..out], w, &x[..inp], false);
-        return;
-    }
-    let macs = rows * out * inp;
-    let par = if macs >= PARALLEL_MACS {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    debug_assert!(dst.len() >= rows * out && x.len() >= rows * inp && w.len() == out * inp);
-    // SAFETY: as in `linear`.
-    unsafe {
-        gemm::gemm(
-            rows,
-            out,
-            inp,
-            dst.as_mut_ptr(),
-            1,
-            out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.as_ptr(),
-            inp as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
     }
 }
 
@@ -503,12 +441,7 @@ pub(crate) fn matvecs_only(e: &Engine, state: &mut EngineState) {
         }
         linear(&mut s.xn, &s.u, &lw.fc2, 1, false);
     }
-    let head = Lin {
-        w: Vec::new(),
-        b: None,
-        out: e.dims.vocab,
-        inp: e.dims.m,
-    };
     let w = e.head.as_deref().unwrap_or(&e.embed);
-    head_logits(&mut s.logits, &s.xn[..e.dims.m], w, &head, 1);
+    let (v, m) = (e.dims.vocab, e.dims.m);
+    matmul_bt(&mut s.logits, &s.xn[..m], w, (1, v, m), false);
 }
