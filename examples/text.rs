@@ -427,7 +427,7 @@ fn eval<P: TextModel>(a: &EvalArgs) -> Result<()> {
             s.mean_nll(),
             s.perplexity()
         );
-        pts.push((*c as f64, s.perplexity()));
+        pts.push(((*c as f64).log2(), s.perplexity()));
     }
     let plot = a
         .plot
@@ -436,7 +436,7 @@ fn eval<P: TextModel>(a: &EvalArgs) -> Result<()> {
     line_plot(
         &plot,
         "Perplexity of the same tokens at growing context",
-        "context (tokens)",
+        "context (log2 of tokens)",
         "perplexity",
         &[Series {
             name: "Megalodon",

@@ -62,6 +62,11 @@ pub fn line_plot(
         let pad = if y0 == 0.0 { 1.0 } else { y0.abs() * 0.1 };
         y0 -= pad;
         y1 += pad;
+    } else if !log_y {
+        // a margin, so that the extreme points do not sit on the frame
+        let pad = 0.05 * (y1 - y0);
+        y0 -= pad;
+        y1 += pad;
     }
     let err = draw_err(path);
     let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
