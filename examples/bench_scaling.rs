@@ -228,6 +228,24 @@ fn run_child(args: &Args, spec: &str) -> Result<()> {
     }
 }
 
+/// Times `forward` (a loss carrying its tape) and the backward from it, with the device
+/// synchronised after each (kernels are asynchronous on CUDA): (forward ms, backward ms).
+fn fwd_bwd<D: Device<f32> + Synchronize>(
+    dev: &D,
+    forward: impl FnOnce() -> Result<Tensor<Rank0, f32, D, OwnedTape<f32, D>>>,
+) -> Result<(f64, f64)> {
+    let sync = || dev.try_synchronize().map_err(|e| anyhow::anyhow!("{e:?}"));
+    let t0 = Instant::now();
+    let loss = forward()?;
+    sync()?;
+    let t1 = Instant::now();
+    let g = loss.backward();
+    sync()?;
+    let t2 = Instant::now();
+    drop(g);
+    Ok(((t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3))
+}
+
 /// One fwd+bwd step of a Megalodon preset `$ty` on `$dev`, timed by `measure`.
 macro_rules! megalodon_runs {
     ($ty:ident, $dev:expr, $args:expr, $tokens:expr, $targets:expr, $t:expr, $warmup:expr) => {{
@@ -237,18 +255,9 @@ macro_rules! megalodon_runs {
         let runs = measure(
             || {
                 let grads = alloc_grads(&mut m)?;
-                let t0 = Instant::now();
-                let logits = m.forward_train($tokens, 1, $t, grads)?;
-                let loss = cross_entropy(logits, $targets)?;
-                $dev.try_synchronize()
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let t1 = Instant::now();
-                let g = loss.backward();
-                $dev.try_synchronize()
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let t2 = Instant::now();
-                drop(g);
-                Ok(((t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3))
+                fwd_bwd($dev, || {
+                    cross_entropy(m.forward_train($tokens, 1, $t, grads)?, $targets)
+                })
             },
             $warmup,
             $args.repeats,
@@ -283,18 +292,12 @@ fn run_child_on<D: MegaDevice<f32> + Cache + Synchronize + DeviceBuildExt>(
             let m = Transformer::<D>::new(&dev);
             let runs = measure(
                 || {
-                    let t0 = Instant::now();
-                    let logits = m.forward_train(&dev, &tokens, Gradients::leaky())?;
-                    let loss = cross_entropy(logits, &targets)?;
-                    dev.try_synchronize()
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                    let t1 = Instant::now();
-                    let g = loss.backward();
-                    dev.try_synchronize()
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                    let t2 = Instant::now();
-                    drop(g);
-                    Ok(((t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3))
+                    fwd_bwd(&dev, || {
+                        cross_entropy(
+                            m.forward_train(&dev, &tokens, Gradients::leaky())?,
+                            &targets,
+                        )
+                    })
                 },
                 warmup,
                 args.repeats,
