@@ -1,15 +1,48 @@
-//! The streaming inference engine against the dfdx model and the official golden logits: full
-//! and incremental (the golden files' call splits), any block size, crossing chunks, re-windowed
-//! TimestepNorm, constant state over 100K tokens, bad input. Tolerance: 1e-4 in f32.
+//! The streaming inference engine's backends (CPU and CUDA, one test body each through
+//! `StreamBackend`) against the dfdx model and the official golden logits: full and incremental
+//! (the golden files' call splits), any block size, crossing chunks, re-windowed TimestepNorm,
+//! constant state over 100K tokens, bad input; and the CPU's int8 weights against its f32 ones.
+//! Tolerance: 1e-4 in f32. The CUDA tests skip with a message where no GPU is present.
 
 use dfdx::prelude::*;
-use megalodon_core::engine::{Engine, EngineState, Want};
+use megalodon_core::engine::cuda::CudaEngine;
+use megalodon_core::engine::{Engine, StreamBackend, Want};
 use megalodon_core::golden::{load_params, max_abs_diff, Golden};
 use megalodon_core::nn::model::Rewindow;
 use megalodon_core::presets::Tiny;
 use megalodon_core::util::time_slice;
 use megalodon_core::ModelConf;
 use rand::{Rng, SeedableRng};
+
+/// The CPU backend: the engine itself.
+fn cpu(e: Engine) -> Option<Engine> {
+    Some(e)
+}
+
+/// The CUDA backend on GPU 0, or `None` (with the reason printed) where there is none.
+fn cuda(e: Engine) -> Option<CudaEngine> {
+    match CudaEngine::new(&e, 0) {
+        Ok(c) => Some(c),
+        Err(err) => {
+            println!("SKIPPED: no CUDA engine here ({err:#})");
+            None
+        }
+    }
+}
+
+/// One `#[test]` per backend for a generic test body.
+macro_rules! on_backends {
+    ($body:ident: $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(cpu);
+        }
+        #[test]
+        fn $cuda() {
+            $body(cuda);
+        }
+    };
+}
 
 const TOL: f64 = 1e-4;
 
@@ -29,14 +62,19 @@ fn golden_model(g: &Golden) -> (Tiny<f32, Cpu>, ModelConf) {
 }
 
 /// Feeds one row of `tokens` in calls of the given lengths; returns all logits `(len, vocab)`.
-fn stream(engine: &Engine, state: &mut EngineState, tokens: &[usize], calls: &[usize]) -> Vec<f64> {
-    let v = engine.dims.vocab;
+fn stream<B: StreamBackend>(
+    engine: &B,
+    state: &mut B::State,
+    tokens: &[usize],
+    calls: &[usize],
+) -> Vec<f64> {
+    let v = engine.dims().vocab;
     let mut out = Vec::with_capacity(tokens.len() * v);
     let mut pos = 0;
     for &n in calls {
         let mut rows = vec![0f32; n * v];
         engine
-            .feed(state, &tokens[pos..pos + n], Want::All, |i, row| {
+            .feed(state, &tokens[pos..pos + n], Want::All, &mut |i, row| {
                 rows[i * v..(i + 1) * v].copy_from_slice(row)
             })
             .unwrap();
@@ -49,8 +87,8 @@ fn stream(engine: &Engine, state: &mut EngineState, tokens: &[usize], calls: &[u
 /// The shared body: the engine's logits of every row of `tokens (b, t)`, fed in `calls`, with
 /// blocks of `block`, must equal `want (b, t', vocab)` (t' = sum of calls) within `TOL`.
 #[allow(clippy::too_many_arguments)]
-fn check(
-    engine: &Engine,
+fn check<B: StreamBackend>(
+    engine: &B,
     tokens: &[usize],
     b: usize,
     t: usize,
@@ -72,12 +110,15 @@ fn check(
     assert!(d < TOL, "{what}: engine logits differ by {d}");
 }
 
-#[test]
-fn engine_matches_the_golden_logits_full_and_incremental() {
+on_backends!(golden_body: cpu_matches_the_golden_logits, cuda_matches_the_golden_logits);
+
+fn golden_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     for file in ["megalodon-golden-tiny.json", "model_swiglu.json"] {
         let g = fixture(file);
         let (mut m, conf) = golden_model(&g);
-        let e = Engine::from_model(&mut m, &conf).unwrap();
+        let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
+            return;
+        };
         let tk = g.tensor(&["tokens"]).unwrap();
         let (b, t) = (tk.shape[0], tk.shape[1]);
         let toks: Vec<usize> = tk.data.iter().map(|&x| x as usize).collect();
@@ -117,10 +158,14 @@ fn random_tiny(chunk: usize, vocab: usize, seed: u64) -> (Tiny<f32, Cpu>, ModelC
     )
 }
 
-#[test]
-fn engine_matches_the_dfdx_model_across_chunks_and_calls() {
+on_backends!(dfdx_body: cpu_matches_the_dfdx_model, cuda_matches_the_dfdx_model);
+
+/// Across chunks and calls, any block size, only the last row, no rows.
+fn dfdx_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     let (mut m, conf) = random_tiny(16, 97, 5);
-    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
+        return;
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let t = 150;
     let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
@@ -146,7 +191,7 @@ fn engine_matches_the_dfdx_model_across_chunks_and_calls() {
     // only the last row, and no rows
     let mut s = e.new_state(32).unwrap();
     let mut last = Vec::new();
-    e.feed(&mut s, &toks, Want::Last, |i, row| {
+    e.feed(&mut s, &toks, Want::Last, &mut |i, row| {
         assert_eq!(i, t - 1);
         last = row.to_vec();
     })
@@ -157,16 +202,21 @@ fn engine_matches_the_dfdx_model_across_chunks_and_calls() {
     );
     assert!(d < TOL, "last-row logits differ by {d}");
     let mut s2 = e.new_state(32).unwrap();
-    e.feed(&mut s2, &toks, Want::None, |_, _| panic!("no logits asked"))
-        .unwrap();
-    assert_eq!(s2.position, t as u64);
+    e.feed(&mut s2, &toks, Want::None, &mut |_, _| {
+        panic!("no logits asked")
+    })
+    .unwrap();
+    assert_eq!(B::position(&s2), t as u64);
 }
 
-#[test]
-fn engine_rewindowed_matches_the_dfdx_rewindowed_stream() {
+on_backends!(rewindow_body: cpu_rewindowed_matches_dfdx, cuda_rewindowed_matches_dfdx);
+
+fn rewindow_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     let chunk = 8;
     let (mut m, conf) = random_tiny(chunk, 61, 9);
-    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
+        return;
+    };
     let rw = Rewindow::new(4, 2);
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let t = 12 * chunk;
@@ -190,40 +240,51 @@ fn engine_rewindowed_matches_the_dfdx_rewindowed_stream() {
     assert!(max_abs_diff(&cum, &want) > 1e-3);
 }
 
-#[test]
-fn engine_state_stays_constant_over_100k_tokens() {
+on_backends!(constant_body: cpu_state_stays_constant_over_100k_tokens,
+    cuda_state_stays_constant_over_100k_tokens);
+
+fn constant_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     let (mut m, conf) = random_tiny(16, 50, 2);
-    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
+        return;
+    };
     let mut s = e.new_state(64).unwrap();
-    let bytes0 = Engine::state_bytes(&s);
+    let bytes0 = B::state_bytes(&s);
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let block: Vec<usize> = (0..1000).map(|_| rng.gen_range(0..50)).collect();
     let mut last = 0f32;
     for _ in 0..100 {
-        e.feed(&mut s, &block, Want::Last, |_, row| last = row[0])
+        e.feed(&mut s, &block, Want::Last, &mut |_, row| last = row[0])
             .unwrap();
-        assert_eq!(Engine::state_bytes(&s), bytes0, "a buffer grew");
+        assert_eq!(B::state_bytes(&s), bytes0, "a buffer grew");
     }
-    assert_eq!(s.position, 100_000);
+    assert_eq!(B::position(&s), 100_000);
     assert!(last.is_finite());
     println!("state: {bytes0} bytes after 0 and 100000 tokens");
 }
 
-#[test]
-fn engine_rejects_bad_input() {
+on_backends!(bad_input_body: cpu_rejects_bad_input, cuda_rejects_bad_input);
+
+fn bad_input_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     let (mut m, conf) = random_tiny(8, 20, 1);
-    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
+        return;
+    };
     let mut s = e.new_state(4).unwrap();
-    let err = e.feed(&mut s, &[1, 20], Want::All, |_, _| {}).unwrap_err();
+    let err = e
+        .feed(&mut s, &[1, 20], Want::All, &mut |_, _| {})
+        .unwrap_err();
     assert!(
         format!("{err:#}").contains("token id 20 at position 1"),
         "{err:#}"
     );
-    let err = e.feed(&mut s, &[], Want::All, |_, _| {}).unwrap_err();
+    let err = e.feed(&mut s, &[], Want::All, &mut |_, _| {}).unwrap_err();
     assert!(format!("{err:#}").contains("empty prompt"), "{err:#}");
     let (mut m2, conf2) = random_tiny(8, 20, 2);
-    let e2 = Engine::from_model(&mut m2, &conf2).unwrap();
-    let err = e2.feed(&mut s, &[1], Want::All, |_, _| {}).unwrap_err();
+    let e2 = make(Engine::from_model(&mut m2, &conf2).unwrap()).unwrap();
+    let err = e2
+        .feed(&mut s, &[1], Want::All, &mut |_, _| {})
+        .unwrap_err();
     assert!(format!("{err:#}").contains("another model"), "{err:#}");
     assert!(e.new_state(0).is_err());
     // weights of another preset
@@ -231,4 +292,49 @@ fn engine_rejects_bad_input() {
     other.ffn_hidden_dim = 64;
     let err = Engine::from_model(&mut m, &other).unwrap_err();
     assert!(format!("{err:#}").contains("nffn.fc1.weight"), "{err:#}");
+}
+
+#[test]
+fn int8_weights_track_the_f32_engine() {
+    let (mut m, conf) = random_tiny(16, 97, 5);
+    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let mut q = e.clone();
+    q.quantize_int8();
+    assert!(q.is_int8() && !e.is_int8());
+    let ratio = q.weight_bytes() as f64 / e.weight_bytes() as f64;
+    println!(
+        "int8 weights: {} of {} bytes ({ratio:.3})",
+        q.weight_bytes(),
+        e.weight_bytes()
+    );
+    assert!(ratio < 0.3, "int8 weights take {ratio} of the f32 bytes");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let t = 100;
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
+    let mut sf = e.new_state(t).unwrap();
+    let want = stream(&e, &mut sf, &toks, &[t]);
+    // prefill (dequantised tiles through gemm) and decode (int8 mat-vec) are the same function
+    let mut sq = q.new_state(t).unwrap();
+    let prefill = stream(&q, &mut sq, &toks, &[t]);
+    check(
+        &q,
+        &toks,
+        1,
+        t,
+        &[t],
+        1,
+        &prefill,
+        "int8 decode vs int8 prefill",
+    );
+    // close to f32, but not equal (the weights really are int8)
+    let d = max_abs_diff(&prefill, &want);
+    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    println!("int8 vs f32: max|diff| = {d:.3e} (max|logit| {spread:.3})");
+    assert!(
+        d > 1e-6 && d < 0.05 * spread,
+        "int8 logits differ from f32 by {d}"
+    );
+    // a state of the f32 engine is refused
+    let err = q.feed(&mut sf, &[1], Want::All, |_, _| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("another model"), "{err:#}");
 }

@@ -2,11 +2,14 @@
 //! Rust over the state's preallocated buffers; the linear layers go through `gemm` (threaded by
 //! rayon when a product is large enough to pay for it).
 
-use super::{Engine, EngineState, Lin, NormStats, Want};
+use super::{Engine, EngineState, Lin, NormStats, Want, Q8};
 
 /// Products with at least this many multiply-adds run on rayon's threads (below it, measured on
 /// 2 cores with `bench_stream`, the thread hand-offs cost more than they save).
 const PARALLEL_MACS: usize = 1 << 20;
+
+/// Rows of an int8 matrix dequantised at a time for a multi-row (prefill) product.
+pub(crate) const DEQ_ROWS: usize = 64;
 
 /// Defines `fn $name(args)` that runs `$generic(args)` compiled for AVX2 + FMA when the CPU has
 /// them (detected at run time) and as plain code otherwise.
@@ -62,6 +65,53 @@ fn gemv_rows_generic(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
     }
 }
 
+/// Dot product of int8 weights with f32 activations, 32 lanes.
+#[inline(always)]
+fn dot_lanes_i8(a: &[i8], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..32 {
+            acc[i] = (x[i] as f32).mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += *x as f32 * y;
+    }
+    s
+}
+
+simd_dispatch! {
+    /// `dst[o] (+)= scale[o] (Q[o, :] . x)` for int8 rows `q` with per-row scales.
+    fn gemv_rows_i8(dst: &mut [f32], q: &[i8], scale: &[f32], x: &[f32], accumulate: bool)
+        => gemv_rows_i8_generic
+}
+
+#[inline(always)]
+fn gemv_rows_i8_generic(dst: &mut [f32], q: &[i8], scale: &[f32], x: &[f32], accumulate: bool) {
+    for ((y, row), &sc) in dst.iter_mut().zip(q.chunks_exact(x.len())).zip(scale) {
+        let v = sc * dot_lanes_i8(row, x);
+        *y = if accumulate { *y + v } else { v };
+    }
+}
+
+/// One row through int8 weights: `dst (out) (+)= W x`, threaded like [`gemv`].
+fn gemv_i8(dst: &mut [f32], w: &Q8, x: &[f32], accumulate: bool) {
+    use rayon::prelude::*;
+    let (out, inp) = (dst.len(), x.len());
+    if out * inp >= PARALLEL_MACS && rayon::current_num_threads() > 1 {
+        let rows = out.div_ceil(rayon::current_num_threads() * 4).max(16);
+        dst.par_chunks_mut(rows)
+            .zip(w.q.par_chunks(rows * inp))
+            .zip(w.scale.par_chunks(rows))
+            .for_each(|((d, qc), sc)| gemv_rows_i8(d, qc, sc, x, accumulate));
+    } else {
+        gemv_rows_i8(dst, &w.q, &w.scale, x, accumulate);
+    }
+}
+
 /// One row: `dst (out) (+)= W x`, split over rayon's threads when the matrix is large.
 fn gemv(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
     use rayon::prelude::*;
@@ -85,17 +135,37 @@ fn matmul_bt(
     (t, out, inp): (usize, usize, usize),
     accumulate: bool,
 ) {
-    assert!(
-        dst.len() >= t * out && x.len() >= t * inp && w.len() == out * inp,
-        "engine: matrix product of mismatched buffers"
-    );
-    if t == 0 || out == 0 {
-        return;
-    }
-    if t == 1 {
+    if t == 1 && out > 0 {
+        assert!(
+            dst.len() >= out && x.len() >= inp && w.len() == out * inp,
+            "engine: matrix product of mismatched buffers"
+        );
         gemv(&mut dst[..out], w, &x[..inp], accumulate);
         return;
     }
+    gemm_bt(dst, out, x, w, (t, out, inp), accumulate);
+}
+
+/// `dst (t, cols) (+)= x (t, inp) W^T` through `gemm`, `W` row-major `(cols, inp)` and `dst`'s
+/// rows `ldd` apart (a column block of a wider matrix).
+fn gemm_bt(
+    dst: &mut [f32],
+    ldd: usize,
+    x: &[f32],
+    w: &[f32],
+    (t, out, inp): (usize, usize, usize),
+    accumulate: bool,
+) {
+    if t == 0 || out == 0 {
+        return;
+    }
+    assert!(
+        ldd >= out
+            && dst.len() >= (t - 1) * ldd + out
+            && x.len() >= t * inp
+            && w.len() >= out * inp,
+        "engine: matrix product of mismatched buffers"
+    );
     let par = if t * out * inp >= PARALLEL_MACS {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -110,7 +180,7 @@ fn matmul_bt(
             inp,
             dst.as_mut_ptr(),
             1,
-            out as isize,
+            ldd as isize,
             accumulate,
             x.as_ptr(),
             1,
@@ -128,9 +198,28 @@ fn matmul_bt(
     }
 }
 
-/// `dst (t, out) = x (t, inp) W^T (+ b)`, or `dst += ...` when `accumulate`.
-fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool) {
-    matmul_bt(dst, x, &l.w, (t, l.out, l.inp), accumulate);
+/// `dst (t, out) = x (t, inp) W^T (+ b)`, or `dst += ...` when `accumulate`; int8 layers run
+/// one row through [`gemv_i8`] and more as `gemm` over [`DEQ_ROWS`] dequantised rows at a time
+/// (in `deq`).
+fn linear(dst: &mut [f32], x: &[f32], l: &Lin, t: usize, accumulate: bool, deq: &mut [f32]) {
+    let (out, inp) = (l.out, l.inp);
+    match &l.q8 {
+        None => matmul_bt(dst, x, &l.w, (t, out, inp), accumulate),
+        Some(q8) if t == 1 => gemv_i8(&mut dst[..out], q8, &x[..inp], accumulate),
+        Some(_) => {
+            assert!(
+                deq.len() >= DEQ_ROWS * inp,
+                "engine: int8 product without a dequantisation buffer"
+            );
+            for o0 in (0..out).step_by(DEQ_ROWS) {
+                let rows = DEQ_ROWS.min(out - o0);
+                for (i, buf) in deq.chunks_exact_mut(inp).take(rows).enumerate() {
+                    l.row_into(o0 + i, buf);
+                }
+                gemm_bt(&mut dst[o0..], out, x, deq, (t, rows, inp), accumulate);
+            }
+        }
+    }
     if let Some(b) = &l.b {
         for row in dst[..t * l.out].chunks_exact_mut(l.out) {
             for (y, &bb) in row.iter_mut().zip(b) {
@@ -291,10 +380,9 @@ pub(crate) fn forward_block(
     let eps = d.eps;
     let s = &mut state.scratch;
     for (r, &tok) in tokens.iter().enumerate() {
-        let src = &e.embed[tok * m..(tok + 1) * m];
-        for (o, &v) in s.x[r * m..(r + 1) * m].iter_mut().zip(src) {
-            *o = v * e.emb_scale;
-        }
+        let row = &mut s.x[r * m..(r + 1) * m];
+        e.embed.row_into(tok, row);
+        row.iter_mut().for_each(|v| *v *= e.emb_scale);
     }
     for (lw, lc) in e.layers.iter().zip(state.layers.iter_mut()) {
         // TimestepNorm -> xn
@@ -325,7 +413,7 @@ pub(crate) fn forward_block(
         }
         rms_rows(&mut s.mx[..t * m], m, Some(&lw.rms_w), eps);
         // shared Z -> Q, K
-        linear(&mut s.zq, &s.mx, &lw.wz, t, false);
+        linear(&mut s.zq, &s.mx, &lw.wz, t, false, &mut s.deq);
         rms_rows(&mut s.zq[..t * z], dz, None, eps);
         for r in 0..t {
             for j in 0..z {
@@ -335,9 +423,9 @@ pub(crate) fn forward_block(
             }
         }
         // values from the TimestepNorm output, gate from MX
-        linear(&mut s.vv, &s.xn, &lw.wv, t, false);
+        linear(&mut s.vv, &s.xn, &lw.wv, t, false, &mut s.deq);
         s.vv[..t * vd].iter_mut().for_each(|v| *v = silu(*v));
-        linear(&mut s.r, &s.mx, &lw.wr, t, false);
+        linear(&mut s.r, &s.mx, &lw.wr, t, false, &mut s.deq);
         s.r[..t * vd].iter_mut().for_each(|v| *v = silu(*v));
         // chunk attention with RoPE restarting at every chunk
         for r in 0..t {
@@ -365,11 +453,11 @@ pub(crate) fn forward_block(
         }
         // Y = X + MX Wh1^T + bh1 + (A * R) Wh2^T
         s.y[..t * m].copy_from_slice(&s.x[..t * m]);
-        linear(&mut s.y, &s.mx, &lw.wh1, t, true);
+        linear(&mut s.y, &s.mx, &lw.wh1, t, true, &mut s.deq);
         for (a, &rr) in s.att[..t * vd].iter_mut().zip(&s.r[..t * vd]) {
             *a *= rr;
         }
-        linear(&mut s.y, &s.att, &lw.wh2, t, true);
+        linear(&mut s.y, &s.att, &lw.wh2, t, true, &mut s.deq);
         // normalized FFN; residual from the layer input X
         for r in 0..t {
             let yr = &s.y[r * m..(r + 1) * m];
@@ -382,16 +470,16 @@ pub(crate) fn forward_block(
             }
         }
         let f = lw.fc1.out;
-        linear(&mut s.u, &s.yn, &lw.fc1, t, false);
+        linear(&mut s.u, &s.yn, &lw.fc1, t, false, &mut s.deq);
         s.u[..t * f].iter_mut().for_each(|v| *v = silu(*v));
         if let Some(fc3) = &lw.fc3 {
-            linear(&mut s.u3, &s.yn, fc3, t, false);
+            linear(&mut s.u3, &s.yn, fc3, t, false, &mut s.deq);
             for (a, &b) in s.u[..t * f].iter_mut().zip(&s.u3[..t * f]) {
                 *a *= b;
             }
         }
         // FFN output into xn (free now), then x += alpha * o
-        linear(&mut s.xn, &s.u, &lw.fc2, t, false);
+        linear(&mut s.xn, &s.u, &lw.fc2, t, false, &mut s.deq);
         for r in 0..t {
             for j in 0..m {
                 let o = s.xn[r * m + j];
@@ -417,9 +505,9 @@ pub(crate) fn forward_block(
         Want::Last => (t - 1, 1),
         Want::None => return,
     };
-    let w = e.head.as_deref().unwrap_or(&e.embed);
+    let head = e.head.as_ref().unwrap_or(&e.embed);
     let x = &s.xn[r0 * m..(r0 + rows) * m];
-    matmul_bt(&mut s.logits, x, w, (rows, d.vocab, m), false);
+    linear(&mut s.logits, x, head, rows, false, &mut s.deq);
     for i in 0..rows {
         on_logits(r0 + i, &s.logits[i * d.vocab..(i + 1) * d.vocab]);
     }
@@ -430,18 +518,17 @@ pub(crate) fn forward_block(
 pub(crate) fn matvecs_only(e: &Engine, state: &mut EngineState) {
     let s = &mut state.scratch;
     for lw in &e.layers {
-        linear(&mut s.zq, &s.mx, &lw.wz, 1, false);
-        linear(&mut s.vv, &s.xn, &lw.wv, 1, false);
-        linear(&mut s.r, &s.mx, &lw.wr, 1, false);
-        linear(&mut s.y, &s.mx, &lw.wh1, 1, true);
-        linear(&mut s.y, &s.att, &lw.wh2, 1, true);
-        linear(&mut s.u, &s.yn, &lw.fc1, 1, false);
+        linear(&mut s.zq, &s.mx, &lw.wz, 1, false, &mut s.deq);
+        linear(&mut s.vv, &s.xn, &lw.wv, 1, false, &mut s.deq);
+        linear(&mut s.r, &s.mx, &lw.wr, 1, false, &mut s.deq);
+        linear(&mut s.y, &s.mx, &lw.wh1, 1, true, &mut s.deq);
+        linear(&mut s.y, &s.att, &lw.wh2, 1, true, &mut s.deq);
+        linear(&mut s.u, &s.yn, &lw.fc1, 1, false, &mut s.deq);
         if let Some(fc3) = &lw.fc3 {
-            linear(&mut s.u3, &s.yn, fc3, 1, false);
+            linear(&mut s.u3, &s.yn, fc3, 1, false, &mut s.deq);
         }
-        linear(&mut s.xn, &s.u, &lw.fc2, 1, false);
+        linear(&mut s.xn, &s.u, &lw.fc2, 1, false, &mut s.deq);
     }
-    let w = e.head.as_deref().unwrap_or(&e.embed);
-    let (v, m) = (e.dims.vocab, e.dims.m);
-    matmul_bt(&mut s.logits, &s.xn[..m], w, (1, v, m), false);
+    let head = e.head.as_ref().unwrap_or(&e.embed);
+    linear(&mut s.logits, &s.xn, head, 1, false, &mut s.deq);
 }

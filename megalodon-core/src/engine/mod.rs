@@ -13,6 +13,7 @@
 //! blocks of one.
 
 mod cpu;
+pub mod cuda;
 
 use crate::config::ModelConf;
 use crate::nn::state::Rewindow;
@@ -37,13 +38,78 @@ pub struct EngineDims {
     pub eps: f32,
 }
 
-/// A linear layer `y = x W^T + b`, `W` row-major `(out, in)` (PyTorch layout).
+/// A linear layer `y = x W^T + b`, `W` row-major `(out, in)` (PyTorch layout), in f32 or, after
+/// [`Engine::quantize_int8`], as int8 with one f32 scale per output row (`w` is then empty).
 #[derive(Debug, Clone)]
 pub(crate) struct Lin {
     pub w: Vec<f32>,
+    pub q8: Option<Q8>,
     pub b: Option<Vec<f32>>,
     pub out: usize,
     pub inp: usize,
+}
+
+/// Weight-only int8: `W[o, i] ~ scale[o] * q[o, i]`, symmetric, `scale[o] = max_i |W[o, i]| / 127`.
+#[derive(Debug, Clone)]
+pub(crate) struct Q8 {
+    pub q: Vec<i8>,
+    pub scale: Vec<f32>,
+}
+
+impl Lin {
+    fn new(w: Vec<f32>, b: Option<Vec<f32>>, out: usize, inp: usize) -> Self {
+        Self {
+            w,
+            q8: None,
+            b,
+            out,
+            inp,
+        }
+    }
+
+    /// Replaces the f32 weights by int8 with per-row scales.
+    fn quantize(&mut self) {
+        if self.q8.is_some() || self.inp == 0 {
+            return;
+        }
+        let mut q = Vec::with_capacity(self.w.len());
+        let mut scale = Vec::with_capacity(self.out);
+        for row in self.w.chunks_exact(self.inp) {
+            let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            let inv = 1.0 / s;
+            q.extend(
+                row.iter()
+                    .map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+            );
+            scale.push(s);
+        }
+        self.q8 = Some(Q8 { q, scale });
+        self.w = Vec::new();
+    }
+
+    /// Row `o` of `W` (dequantised when int8) into `dst` (`inp` values).
+    pub(crate) fn row_into(&self, o: usize, dst: &mut [f32]) {
+        let r = o * self.inp..(o + 1) * self.inp;
+        match &self.q8 {
+            Some(q8) => {
+                let s = q8.scale[o];
+                for (d, &v) in dst.iter_mut().zip(&q8.q[r]) {
+                    *d = v as f32 * s;
+                }
+            }
+            None => dst.copy_from_slice(&self.w[r]),
+        }
+    }
+
+    /// Bytes of weights and bias.
+    fn bytes(&self) -> usize {
+        let w = match &self.q8 {
+            Some(q8) => q8.q.len() + 4 * q8.scale.len(),
+            None => 4 * self.w.len(),
+        };
+        w + 4 * self.b.as_ref().map_or(0, |b| b.len())
+    }
 }
 
 /// One layer's weights, with the `1 + w` norm weights and the CEMA coefficients precomputed.
@@ -84,9 +150,10 @@ pub(crate) struct LayerWeights {
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub dims: EngineDims,
-    pub(crate) embed: Vec<f32>,
+    /// The embedding `(vocab, M)`, also the output projection when tied.
+    pub(crate) embed: Lin,
     /// The output projection `(vocab, M)`; `None` when tied to the embedding.
-    pub(crate) head: Option<Vec<f32>>,
+    pub(crate) head: Option<Lin>,
     pub(crate) emb_scale: f32,
     pub(crate) layers: Vec<LayerWeights>,
     pub(crate) final_w: Vec<f32>,
@@ -151,6 +218,8 @@ pub(crate) struct Scratch {
     pub u3: Vec<f32>,
     pub scores: Vec<f32>,
     pub logits: Vec<f32>,
+    /// Rows of an int8 matrix dequantised for a multi-row product (empty for f32 engines).
+    pub deq: Vec<f32>,
 }
 
 /// The streaming state of one sequence: per-layer TimestepNorm statistics, complex CEMA states
@@ -168,14 +237,99 @@ pub struct EngineState {
     pub(crate) scratch: Scratch,
     /// Re-windowed TimestepNorm (the official long-context evaluation): the settings, the last
     /// `(window - every) C` tokens (a ring buffer) and a second state to recompute them.
-    pub(crate) rewindow: Option<RewindowCarry>,
+    pub(crate) rewindow: Option<RewindowCarry<EngineState>>,
 }
 
+/// The re-windowed TimestepNorm's bookkeeping (any backend's state `S`): the settings, the last
+/// `(window - every) C` token ids (a ring buffer) and a second state that re-runs them.
 #[derive(Debug, Clone)]
-pub(crate) struct RewindowCarry {
+pub(crate) struct RewindowCarry<S> {
     pub settings: Rewindow,
     pub history: std::collections::VecDeque<usize>,
-    pub fresh: Box<EngineState>,
+    pub fresh: Box<S>,
+}
+
+impl<S> RewindowCarry<S> {
+    /// Checks the settings and makes the (empty) ring buffer for a model of chunk size `chunk`.
+    pub(crate) fn new(settings: Rewindow, chunk: usize, fresh: S) -> Result<Self> {
+        ensure!(
+            settings.every >= 1 && settings.window > settings.every,
+            "engine: re-windowing needs window > every >= 1, got window {} every {}",
+            settings.window,
+            settings.every
+        );
+        let keep = (settings.window - settings.every)
+            .checked_mul(chunk)
+            .context("engine: re-window length overflows")?;
+        Ok(Self {
+            settings,
+            history: std::collections::VecDeque::with_capacity(keep),
+            fresh: Box::new(fresh),
+        })
+    }
+
+    /// Records the tokens of a block that moved the stream from position `before` to `after`;
+    /// true when the TimestepNorm statistics are due to be recomputed over `history`.
+    pub(crate) fn record(
+        &mut self,
+        tokens: &[usize],
+        before: u64,
+        after: u64,
+        chunk: usize,
+    ) -> bool {
+        let c = chunk as u64;
+        let (window, every) = (self.settings.window as u64, self.settings.every as u64);
+        let keep = ((window - every) * c) as usize;
+        for &t in tokens {
+            if self.history.len() == keep {
+                self.history.pop_front();
+            }
+            self.history.push_back(t);
+        }
+        let step = every * c;
+        after >= window * c && after / step > before / step
+    }
+}
+
+/// Checks a feed call (state of this engine, ids in the vocabulary, not empty) and runs
+/// `step(piece, offset, want)` over pieces of at most `block` tokens; with `chunk`, pieces also
+/// never cross a chunk boundary of the stream at `position`. The last piece gets `Want::Last`.
+pub(crate) fn drive(
+    (engine_id, state_id): (u64, u64),
+    tokens: &[usize],
+    vocab: usize,
+    (block, position, chunk): (usize, u64, Option<usize>),
+    want: Want,
+    mut step: impl FnMut(&[usize], usize, Want) -> Result<()>,
+) -> Result<()> {
+    ensure!(
+        !tokens.is_empty(),
+        "engine: no tokens to feed (empty prompt?)"
+    );
+    ensure!(
+        state_id == engine_id,
+        "engine: this state belongs to another model (different weights or configuration)"
+    );
+    if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t >= vocab) {
+        bail!("engine: token id {t} at position {i} is outside the vocabulary (size {vocab})");
+    }
+    let mut off = 0;
+    while off < tokens.len() {
+        let mut len = block.min(tokens.len() - off);
+        if let Some(c) = chunk {
+            let pos = ((position + off as u64) % c as u64) as usize;
+            len = len.min(c - pos);
+        }
+        let end = off + len;
+        let w = match want {
+            Want::All => Want::All,
+            Want::Last if end == tokens.len() => Want::Last,
+            _ => Want::None,
+        };
+        step(&tokens[off..end], off, w)?;
+        off = end;
+    }
+    Ok(())
 }
 
 /// Which logits a call computes.
@@ -187,6 +341,59 @@ pub enum Want {
     Last,
     /// None (advance the state only).
     None,
+}
+
+/// What every engine backend offers: the CPU [`Engine`] and the CUDA [`cuda::CudaEngine`] run
+/// the same tests through this trait (`tests/engine.rs`), and callers can pick one at run time.
+pub trait StreamBackend {
+    /// The per-sequence streaming state.
+    type State;
+    /// The model's widths.
+    fn dims(&self) -> &EngineDims;
+    /// A fresh state (cumulative TimestepNorm) processing at most `block` tokens at a time.
+    fn new_state(&self, block: usize) -> Result<Self::State>;
+    /// A fresh state with the official re-windowed TimestepNorm evaluation.
+    fn new_state_rewindowed(&self, block: usize, rewindow: Rewindow) -> Result<Self::State>;
+    /// Feeds `tokens` through `state`, calling `on_logits(i, row)` for the rows `want` asks for.
+    fn feed(
+        &self,
+        state: &mut Self::State,
+        tokens: &[usize],
+        want: Want,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<()>;
+    /// Tokens processed by `state` so far.
+    fn position(state: &Self::State) -> u64;
+    /// Bytes `state` holds (host and device): constant for its life.
+    fn state_bytes(state: &Self::State) -> usize;
+}
+
+impl StreamBackend for Engine {
+    type State = EngineState;
+    fn dims(&self) -> &EngineDims {
+        &self.dims
+    }
+    fn new_state(&self, block: usize) -> Result<EngineState> {
+        Engine::new_state(self, block)
+    }
+    fn new_state_rewindowed(&self, block: usize, rewindow: Rewindow) -> Result<EngineState> {
+        Engine::new_state_rewindowed(self, block, rewindow)
+    }
+    fn feed(
+        &self,
+        state: &mut EngineState,
+        tokens: &[usize],
+        want: Want,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        Engine::feed(self, state, tokens, want, on_logits)
+    }
+    fn position(state: &EngineState) -> u64 {
+        state.position
+    }
+    fn state_bytes(state: &EngineState) -> usize {
+        Engine::state_bytes(state)
+    }
 }
 
 fn fingerprint(d: &EngineDims, values: &[(String, Vec<f32>)]) -> u64 {
@@ -264,27 +471,29 @@ impl Engine {
         };
         let plus1 = |v: Vec<f32>| v.into_iter().map(|x| 1.0 + x).collect::<Vec<f32>>();
         let (m, z, vd, f, n) = (d.m, d.z, d.v, d.f, d.n);
-        let embed = take("embed.weight", d.vocab * m)?;
+        let embed = Lin::new(take("embed.weight", d.vocab * m)?, None, d.vocab, m);
         let head = if conf.share_emb {
             None
         } else {
-            Some(take("output.output.weight", d.vocab * m)?)
+            Some(Lin::new(
+                take("output.output.weight", d.vocab * m)?,
+                None,
+                d.vocab,
+                m,
+            ))
         };
         let dz = z / d.h;
         let mut layers = Vec::with_capacity(d.layers);
         for i in 0..d.layers {
             let p = |s: &str| format!("layers.{i}.{s}");
             let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Lin> {
-                Ok(Lin {
-                    w: take(&p(&format!("{name}.weight")), out * inp)?,
-                    b: if bias {
-                        Some(take(&p(&format!("{name}.bias")), out)?)
-                    } else {
-                        None
-                    },
-                    out,
-                    inp,
-                })
+                let w = take(&p(&format!("{name}.weight")), out * inp)?;
+                let b = if bias {
+                    Some(take(&p(&format!("{name}.bias")), out)?)
+                } else {
+                    None
+                };
+                Ok(Lin::new(w, b, out, inp))
             };
             let wz = lin("mega.wz", z, m, true)?;
             let wv = lin("mega.wv", vd, m, true)?;
@@ -384,9 +593,29 @@ impl Engine {
         })
     }
 
-    /// Bytes of weights held.
+    /// Every linear layer (the embedding and head included).
+    fn lins_mut(&mut self) -> impl Iterator<Item = &mut Lin> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    Some(&mut l.wz),
+                    Some(&mut l.wv),
+                    Some(&mut l.wr),
+                    Some(&mut l.wh1),
+                    Some(&mut l.wh2),
+                    Some(&mut l.fc1),
+                    Some(&mut l.fc2),
+                    l.fc3.as_mut(),
+                ]
+            })
+            .chain([Some(&mut self.embed), self.head.as_mut()])
+            .flatten()
+    }
+
+    /// Bytes of the matrices and biases held (the small per-channel vectors aside).
     pub fn weight_bytes(&self) -> usize {
-        let lin = |l: &Lin| l.w.len() + l.b.as_ref().map_or(0, |b| b.len());
+        let lin = |l: &Lin| l.bytes();
         let per_layer: usize = self
             .layers
             .iter()
@@ -401,7 +630,25 @@ impl Engine {
                     + l.fc3.as_ref().map_or(0, lin)
             })
             .sum();
-        4 * (per_layer + self.embed.len() + self.head.as_ref().map_or(0, |h| h.len()))
+        per_layer + lin(&self.embed) + self.head.as_ref().map_or(0, lin)
+    }
+
+    /// Weight-only int8 quantisation (`docs/engine.md`): every matrix (the linear layers, the
+    /// embedding and the output projection) becomes int8 with one f32 scale per output row;
+    /// activations, norms, CEMA and attention stay f32. About 4x less weight memory and traffic
+    /// for a small perplexity cost (measured in `megalodon-text/README.md`). States made before
+    /// quantising belong to the f32 engine and are refused.
+    pub fn quantize_int8(&mut self) {
+        if self.is_int8() {
+            return;
+        }
+        self.lins_mut().for_each(Lin::quantize);
+        self.id = self.id.rotate_left(17) ^ 0x1_0008;
+    }
+
+    /// Whether the matrices are int8 ([`Engine::quantize_int8`]).
+    pub fn is_int8(&self) -> bool {
+        self.embed.q8.is_some()
     }
 
     /// A fresh state for one sequence whose calls process at most `block` tokens at a time
@@ -437,6 +684,11 @@ impl Engine {
             })?,
             scores: vec![0.0; d.chunk],
             logits: rows(d.vocab)?,
+            deq: if self.is_int8() && block > 1 {
+                vec![0.0; cpu::DEQ_ROWS * d.m.max(d.v).max(d.f)]
+            } else {
+                Vec::new()
+            },
         };
         let layers = (0..d.layers)
             .map(|_| LayerCarry {
@@ -462,22 +714,9 @@ impl Engine {
     /// every `every` chunks once `window` chunks have been seen, the TimestepNorm statistics are
     /// replaced by those of a fresh run over the last `window - every` chunks of tokens.
     pub fn new_state_rewindowed(&self, block: usize, rewindow: Rewindow) -> Result<EngineState> {
-        ensure!(
-            rewindow.every >= 1 && rewindow.window > rewindow.every,
-            "engine: re-windowing needs window > every >= 1, got window {} every {}",
-            rewindow.window,
-            rewindow.every
-        );
-        let keep = (rewindow.window - rewindow.every)
-            .checked_mul(self.dims.chunk)
-            .context("engine: re-window length overflows")?;
+        let fresh = self.new_state(block)?;
         let mut s = self.new_state(block)?;
-        let fresh = Box::new(self.new_state(block)?);
-        s.rewindow = Some(RewindowCarry {
-            settings: rewindow,
-            history: std::collections::VecDeque::with_capacity(keep),
-            fresh,
-        });
+        s.rewindow = Some(RewindowCarry::new(rewindow, self.dims.chunk, fresh)?);
         Ok(s)
     }
 
@@ -486,7 +725,7 @@ impl Engine {
         let s = &state.scratch;
         let scratch = [
             &s.x, &s.xn, &s.mx, &s.zq, &s.q, &s.k, &s.vv, &s.r, &s.att, &s.y, &s.yn, &s.u, &s.u3,
-            &s.scores, &s.logits,
+            &s.scores, &s.logits, &s.deq,
         ]
         .iter()
         .map(|v| v.capacity() * 4)
@@ -526,30 +765,18 @@ impl Engine {
         want: Want,
         mut on_logits: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
-        ensure!(
-            !tokens.is_empty(),
-            "engine: no tokens to feed (empty prompt?)"
-        );
-        ensure!(
-            state.engine_id == self.id,
-            "engine: this state belongs to another model (different weights or configuration)"
-        );
-        let vocab = self.dims.vocab;
-        if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t >= vocab) {
-            bail!("engine: token id {t} at position {i} is outside the vocabulary (size {vocab})");
-        }
-        let block = state.block;
-        let last_block = (tokens.len() - 1) / block;
-        for (bi, blk) in tokens.chunks(block).enumerate() {
-            let w = match want {
-                Want::All => Want::All,
-                Want::Last if bi == last_block => Want::Last,
-                _ => Want::None,
-            };
-            let base = bi * block;
-            self.step_block(state, blk, w, |i, row| on_logits(base + i, row))?;
-        }
-        Ok(())
+        let at = (state.block, state.position, None);
+        drive(
+            (self.id, state.engine_id),
+            tokens,
+            self.dims.vocab,
+            at,
+            want,
+            |piece, off, w| {
+                self.step_block(state, piece, w, |i, row| on_logits(off + i, row));
+                Ok(())
+            },
+        )
     }
 
     /// One block through the layers, then the re-window bookkeeping.
@@ -559,32 +786,15 @@ impl Engine {
         tokens: &[usize],
         want: Want,
         on_logits: impl FnMut(usize, &[f32]),
-    ) -> Result<()> {
+    ) {
         let before = state.position;
         cpu::forward_block(self, state, tokens, want, on_logits);
         state.position += tokens.len() as u64;
-        if state.rewindow.is_some() {
-            self.rewindow_after(state, tokens, before)?;
-        }
-        Ok(())
-    }
-
-    fn rewindow_after(&self, state: &mut EngineState, tokens: &[usize], before: u64) -> Result<()> {
-        let c = self.dims.chunk as u64;
-        let Some(rw) = state.rewindow.as_mut() else {
-            return Ok(());
-        };
-        let (window, every) = (rw.settings.window as u64, rw.settings.every as u64);
-        let keep = ((window - every) * c) as usize;
-        for &t in tokens {
-            if rw.history.len() == keep {
-                rw.history.pop_front();
-            }
-            rw.history.push_back(t);
-        }
         let after = state.position;
-        let step = every * c;
-        if after >= window * c && after / step > before / step {
+        let Some(rw) = state.rewindow.as_mut() else {
+            return;
+        };
+        if rw.record(tokens, before, after, self.dims.chunk) {
             // a fresh run over the kept tokens; only its TimestepNorm statistics are used
             let fresh = &mut rw.fresh;
             fresh.position = 0;
@@ -606,6 +816,5 @@ impl Engine {
             }
             state.final_norm.clone_from(&fresh.final_norm);
         }
-        Ok(())
     }
 }
