@@ -6,13 +6,18 @@
 //! `cost per token at N / at 1K = R, memory growth = M MiB`.
 //!
 //! ```text
-//! cargo run --release --example bench_stream -- --tokens 1000000
+//! cargo run --release --example bench_stream -- --tokens 1000000 [--device cpu|cuda] [--int8]
 //! ```
+//!
+//! With `--device cuda` the engine's CUDA backend streams (any build: CUDA 13 is loaded at run
+//! time) and the memory column is the device memory in use; `--int8` runs the CPU engine on int8
+//! weights.
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use dfdx::prelude::*;
-use megalodon_core::engine::{Engine, Want};
+use megalodon_core::engine::cuda::CudaEngine;
+use megalodon_core::engine::{Engine, StreamBackend, Want};
 use megalodon_core::presets::Small;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -33,9 +38,12 @@ struct Args {
     /// Tokens of the dfdx forward_stream reference (checkpoints 1K and 10K; 0 skips it).
     #[arg(long, default_value_t = 10_000)]
     dfdx_tokens: u64,
-    /// Compute device: cpu (the CUDA engine is not built yet).
+    /// Where the engine runs: cpu or cuda (GPU 0).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Weight-only int8 quantisation of the CPU engine.
+    #[arg(long)]
+    int8: bool,
     /// Random seed (weights and tokens).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -68,65 +76,106 @@ fn checkpoints(total: u64) -> Vec<u64> {
     v
 }
 
-fn main() -> Result<()> {
-    let a = Args::parse();
-    match a.device.as_str() {
-        "cpu" => {}
-        "cuda" => bail!(
-            "--device cuda: the streaming engine's CUDA backend is not built yet (see the \
-             README's streaming section); the CPU engine is"
-        ),
-        other => bail!("--device must be cpu or cuda, got {other:?}"),
-    }
-    ensure!(a.tokens >= 1000, "--tokens must be at least 1000");
-    let dev = Cpu::default();
-    let conf = Small::<f32, Cpu>::default_conf(a.chunk, VOCAB);
-    let mut model = Small::<f32, Cpu>::new(&dev, conf.clone(), a.seed)?;
-    let engine = Engine::from_model(&mut model, &conf)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x5eed);
-    let mut state = engine.new_state(1)?;
-    let state_kib = Engine::state_bytes(&state) as f64 / 1024.0;
-    println!(
-        "Small (4 layers, D 256, Z 64, V 512, F 688, N 16, chunk {}), vocabulary {VOCAB}, f32, batch 1, CPU, {} cores; \
-         engine weights {:.1} MiB, stream state {state_kib:.0} KiB; one token per step, every token's logits computed",
-        a.chunk,
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        engine.weight_bytes() as f64 / 1048576.0
-    );
-    println!();
-    println!("| tokens processed | engine tokens/s (last interval) | resident MiB |");
-    println!("|---:|---:|---:|");
-    let rss0 = rss_mib()?;
+/// Streams `a.tokens` random tokens one at a time through `engine`; a row `(tokens, tokens/s of
+/// the last interval, memory MiB)` per checkpoint, memory read by `mem`.
+fn stream_rows<B: StreamBackend>(
+    engine: &B,
+    state: &mut B::State,
+    a: &Args,
+    rng: &mut rand::rngs::StdRng,
+    mem: impl Fn() -> Result<f64>,
+) -> Result<Vec<(u64, f64, f64)>> {
     let mut sink = 0f32;
     let mut done = 0u64;
     let mut rows = Vec::new();
-    let mut first_rss = None;
     let t_all = Instant::now();
     for cp in checkpoints(a.tokens) {
         let t0 = Instant::now();
         while done < cp {
             let tok = rng.gen_range(0..VOCAB);
-            engine.feed(&mut state, &[tok], Want::Last, |_, row| sink += row[tok])?;
+            engine.feed(state, &[tok], Want::Last, &mut |_, row| sink += row[tok])?;
             done += 1;
         }
         let secs = t0.elapsed().as_secs_f64();
         let n = cp - rows.last().map_or(0, |r: &(u64, f64, f64)| r.0);
-        let rss = rss_mib()?;
-        first_rss.get_or_insert(rss);
+        let m = mem()?;
         let tps = n as f64 / secs;
-        println!("| {cp} | {tps:.0} | {rss:.1} |");
-        rows.push((cp, tps, rss));
+        println!("| {cp} | {tps:.0} | {m:.1} |");
+        rows.push((cp, tps, m));
         ensure!(sink.is_finite(), "non-finite logits");
     }
     eprintln!(
-        "engine: {} tokens in {:.1} s; memory before the stream {rss0:.1} MiB",
-        done,
+        "engine: {done} tokens in {:.1} s",
         t_all.elapsed().as_secs_f64()
     );
+    Ok(rows)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let cuda = match a.device.as_str() {
+        "cpu" => false,
+        "cuda" => true,
+        other => bail!("--device must be cpu or cuda, got {other:?}"),
+    };
+    ensure!(
+        !(cuda && a.int8),
+        "--int8 is a CPU option: the CUDA engine runs f32 weights"
+    );
+    ensure!(a.tokens >= 1000, "--tokens must be at least 1000");
+    let dev = Cpu::default();
+    let conf = Small::<f32, Cpu>::default_conf(a.chunk, VOCAB);
+    let mut model = Small::<f32, Cpu>::new(&dev, conf.clone(), a.seed)?;
+    let mut engine = Engine::from_model(&mut model, &conf)?;
+    if a.int8 {
+        engine.quantize_int8();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x5eed);
+    let gpu = if cuda {
+        Some(CudaEngine::new(&engine, 0).context("--device cuda")?)
+    } else {
+        None
+    };
+    let (where_, state_kib) = match &gpu {
+        Some(g) => (
+            g.device_name.clone(),
+            CudaEngine::state_bytes(&g.new_state(1)?) as f64 / 1024.0,
+        ),
+        None => (
+            format!(
+                "CPU, {} cores",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+            Engine::state_bytes(&engine.new_state(1)?) as f64 / 1024.0,
+        ),
+    };
+    println!(
+        "Small (4 layers, D 256, Z 64, V 512, F 688, N 16, chunk {}), vocabulary {VOCAB}, {}, batch 1, {where_}; \
+         engine weights {:.1} MiB, stream state {state_kib:.0} KiB; one token per step, every token's logits computed",
+        a.chunk,
+        if a.int8 { "int8 weights" } else { "f32" },
+        engine.weight_bytes() as f64 / 1048576.0
+    );
     println!();
-    // the matrix-vector products alone
-    let per_tok = engine.time_matvecs(&mut state, 2000);
-    let bound = 1.0 / per_tok;
+    let (rows, bound) = match &gpu {
+        Some(g) => {
+            println!("| tokens processed | engine tokens/s (last interval) | device MiB in use |");
+            println!("|---:|---:|---:|");
+            let mut state = g.new_state(1)?;
+            let mem = || Ok(g.device_mem_used()? as f64 / 1048576.0);
+            let rows = stream_rows(g, &mut state, &a, &mut rng, mem)?;
+            (rows, 1.0 / g.time_matvecs(&mut state, 2000)?)
+        }
+        None => {
+            println!("| tokens processed | engine tokens/s (last interval) | resident MiB |");
+            println!("|---:|---:|---:|");
+            let mut state = engine.new_state(1)?;
+            let rows = stream_rows(&engine, &mut state, &a, &mut rng, rss_mib)?;
+            (rows, 1.0 / engine.time_matvecs(&mut state, 2000))
+        }
+    };
+    println!();
+    let mut sink = 0f32;
     // the dfdx reference path
     let mut dfdx_rows = Vec::new();
     if a.dfdx_tokens > 0 {
@@ -156,7 +205,7 @@ fn main() -> Result<()> {
     let steady = rows.last().map_or(engine_1k, |r| r.1);
     println!("| engine, last interval | {steady:.0} |");
     for (cp, tps) in &dfdx_rows {
-        println!("| dfdx forward_stream, up to {cp} tokens | {tps:.0} |");
+        println!("| dfdx forward_stream (CPU), up to {cp} tokens | {tps:.0} |");
     }
     println!();
     println!(
@@ -167,7 +216,7 @@ fn main() -> Result<()> {
         println!("engine / dfdx forward_stream = {:.1}x", steady / d);
     }
     let last = rows.last().expect("at least one checkpoint");
-    let growth = last.2 - first_rss.unwrap_or(last.2);
+    let growth = last.2 - rows[0].2;
     println!(
         "cost per token at {} / at 1K = {:.2}, memory growth = {:.1} MiB",
         last.0,

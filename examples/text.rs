@@ -151,6 +151,13 @@ struct GenerateArgs {
     /// Run the dfdx model's forward_stream instead of the streaming engine (the reference path).
     #[arg(long)]
     reference: bool,
+    /// Where the streaming engine runs: `cpu`, `cuda` or `cuda:N` (any build: CUDA 13 is loaded
+    /// at run time).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight-only int8 quantisation of the CPU engine (about 4x less weight memory).
+    #[arg(long)]
+    int8: bool,
 }
 
 #[derive(Args, Debug)]
@@ -180,6 +187,13 @@ struct EvalArgs {
     /// Run the dfdx model's forward_stream instead of the streaming engine (the reference path).
     #[arg(long)]
     reference: bool,
+    /// Where the streaming engine runs: `cpu`, `cuda` or `cuda:N` (any build: CUDA 13 is loaded
+    /// at run time).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight-only int8 quantisation of the CPU engine (about 4x less weight memory).
+    #[arg(long)]
+    int8: bool,
 }
 
 #[derive(Args, Debug)]
@@ -362,7 +376,7 @@ fn generate<P: TextModel>(a: &GenerateArgs) -> Result<()> {
     let sampling = a.sample.sampling();
     sampling.validate()?;
     let mut lm = LanguageModel::<P>::load(&a.run)?;
-    lm.use_engine(!a.reference);
+    engine_flags(&mut lm, a.reference, &a.device, a.int8)?;
     print!("{}", a.prompt);
     std::io::stdout().flush().ok();
     let g = lm.generate(&a.prompt, a.tokens, &sampling, |t| {
@@ -372,20 +386,40 @@ fn generate<P: TextModel>(a: &GenerateArgs) -> Result<()> {
     })?;
     println!();
     eprintln!(
-        "prompt {} tokens in {:.3}s; generated {} tokens in {:.2}s = {:.1} tokens/s; streaming state {} KB (constant)",
+        "prompt {} tokens in {:.3}s; generated {} tokens in {:.2}s = {:.1} tokens/s; streaming state {} KB (constant); {}",
         g.prompt.len(),
         g.prefill_secs,
         g.ids.len(),
         g.decode_secs,
         g.tokens_per_sec(),
-        g.state_bytes / 1024
+        g.state_bytes / 1024,
+        lm.backend_name()
     );
+    Ok(())
+}
+
+/// `--reference`, `--device`, `--int8` of `generate` and `eval`.
+fn engine_flags<P: TextModel>(
+    lm: &mut LanguageModel<P>,
+    reference: bool,
+    device: &str,
+    int8: bool,
+) -> Result<()> {
+    lm.use_engine(!reference);
+    ensure!(
+        !reference || (device == "cpu" && !int8),
+        "--reference runs the dfdx model on the CPU: drop --device and --int8"
+    );
+    if int8 {
+        lm.quantize_int8()?;
+    }
+    lm.engine_device(device)?;
     Ok(())
 }
 
 fn eval<P: TextModel>(a: &EvalArgs) -> Result<()> {
     let mut lm = LanguageModel::<P>::load(&a.run)?;
-    lm.use_engine(!a.reference);
+    engine_flags(&mut lm, a.reference, &a.device, a.int8)?;
     if a.rewindow {
         ensure!(
             !a.reference,
@@ -414,7 +448,7 @@ fn eval<P: TextModel>(a: &EvalArgs) -> Result<()> {
         a.scored,
         scores[0].scored,
         if a.rewindow { "re-windowed (8 chunks, every 2)" } else { "cumulative" },
-        if a.reference { "dfdx forward_stream" } else { "streaming engine" },
+        lm.backend_name(),
         t0.elapsed().as_secs_f64()
     );
     println!("| context | nll (nats/token) | perplexity | bits per byte |");

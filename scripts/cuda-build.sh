@@ -116,14 +116,14 @@ export LD_LIBRARY_PATH="$T/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$STUB -L native=$T/lib"
 export CARGO_TARGET_DIR="$PREFIX/target"
 
-TESTS=(cuda)
+TESTS=(cuda engine kernels)
 say "building the CUDA tests (${TESTS[*]}) and examples"
 test_args=()
 for t in "${TESTS[@]}"; do test_args+=(--test "$t"); done
 cargo test --release -p megalodon-core --features cuda "${test_args[@]}" --no-run 2>&1 | grep -v "^ *Compiling "
 cargo test --release -p megalodon --features cuda --test cuda_heads --no-run 2>&1 | grep -v "^ *Compiling "
 cargo build --release -p megalodon --features cuda \
-    --example bench_scaling --example text --example vision --example audio 2>&1 | grep -v "^ *Compiling "
+    --example bench_scaling --example bench_stream --example text --example vision --example audio 2>&1 | grep -v "^ *Compiling "
 
 # --- 5. bundle ------------------------------------------------------------------------------
 say "assembling $BUNDLE"
@@ -137,7 +137,7 @@ for t in "${TESTS[@]}" cuda_heads; do
     [ -n "$bin" ] || { echo "error: test binary $t not found" >&2; exit 1; }
     cp "$bin" "$BUNDLE/bin/test-$t"
 done
-for e in bench_scaling text vision audio; do
+for e in bench_scaling bench_stream text vision audio; do
     cp "$CARGO_TARGET_DIR/release/examples/$e" "$BUNDLE/bin/$e"
 done
 strip "$BUNDLE"/bin/*

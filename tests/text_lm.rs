@@ -358,3 +358,46 @@ fn init_fine_tunes_from_another_runs_weights() {
     );
     assert!(dc > 1e-2, "a fresh run does not ({dc})");
 }
+
+#[test]
+fn int8_and_device_switches_of_the_engine() {
+    let mut lm = tiny_lm(6);
+    let ids = lm
+        .tokenizer()
+        .encode("Full fathom five thy father lies; of his bones are coral made.")
+        .unwrap();
+    let f32_score = lm.perplexity(&ids, 1).unwrap();
+    assert!(
+        lm.backend_name().contains("CPU, f32"),
+        "{}",
+        lm.backend_name()
+    );
+    lm.quantize_int8().unwrap();
+    assert!(lm.backend_name().contains("int8"), "{}", lm.backend_name());
+    let q = lm.perplexity(&ids, 1).unwrap();
+    let rel = (q.mean_nll() - f32_score.mean_nll()).abs() / f32_score.mean_nll();
+    println!(
+        "tiny LM: nll f32 {:.5}, int8 {:.5} ({rel:.2e} relative)",
+        f32_score.mean_nll(),
+        q.mean_nll()
+    );
+    assert!(
+        q.mean_nll().is_finite() && rel < 0.02,
+        "int8 nll off by {rel}"
+    );
+    // the CUDA engine takes f32 weights; unknown devices name the flag
+    let err = err_of(lm.engine_device("cuda").map(|_| ()));
+    assert!(err.contains("--int8"), "{err}");
+    let mut lm = tiny_lm(6);
+    let err = err_of(lm.engine_device("gpu").map(|_| ()));
+    assert!(err.contains("--device"), "{err}");
+    // on a machine without CUDA, --device cuda is an error naming the flag (with one, it works)
+    match lm.engine_device("cuda") {
+        Err(e) => assert!(format!("{e:#}").contains("--device cuda"), "{e:#}"),
+        Ok(_) => {
+            let g = lm.perplexity(&ids, 1).unwrap();
+            let d = (g.mean_nll() - f32_score.mean_nll()).abs();
+            assert!(d < 1e-4, "CUDA engine nll differs by {d}");
+        }
+    }
+}

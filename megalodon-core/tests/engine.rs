@@ -47,11 +47,11 @@ macro_rules! on_backends {
 const TOL: f64 = 1e-4;
 
 fn fixture(name: &str) -> Golden {
-    Golden::load(format!(
-        "{}/tests/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    let dir = megalodon_core::device::fixtures_dir(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures"
+    ));
+    Golden::load(dir.join(name)).unwrap()
 }
 
 fn golden_model(g: &Golden) -> (Tiny<f32, Cpu>, ModelConf) {

@@ -40,6 +40,7 @@ use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::CONFIG_FILE;
 use megalodon_core::device::MegaDevice;
+use megalodon_core::engine::cuda::{CudaEngine, CudaState};
 use megalodon_core::engine::{Engine, EngineState, Want};
 use megalodon_core::nn::model::Rewindow;
 use std::path::{Path, PathBuf};
@@ -159,14 +160,17 @@ pub struct LanguageModel<P: TextModel<D>, D: MegaDevice<f32> = Cpu> {
     /// The streaming engine (the model's weights copied once): generation and scoring run on it
     /// unless [`LanguageModel::use_engine`] turned it off.
     engine: Engine,
+    /// The engine's CUDA backend, when [`LanguageModel::engine_device`] chose a GPU.
+    cuda: Option<CudaEngine>,
     use_engine: bool,
     rewindow: Option<Rewindow>,
 }
 
-/// A stream through the dfdx model or through the engine.
+/// A stream through the dfdx model or through the engine (CPU or CUDA).
 enum Stream<S> {
     Model(S),
     Engine(Box<EngineState>),
+    Cuda(Box<CudaState>),
 }
 
 impl<P: TextModel<D>, D: MegaDevice<f32> + Default> LanguageModel<P, D> {
@@ -187,9 +191,57 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
             tokenizer,
             device: std::marker::PhantomData,
             engine,
+            cuda: None,
             use_engine: true,
             rewindow: None,
         })
+    }
+
+    /// Where the streaming engine runs: `cpu` (the default) or `cuda` / `cuda:N` (GPU N through
+    /// the engine's CUDA backend: CUDA 13's driver, NVRTC and cuBLAS loaded at run time, so any
+    /// build can use it). An unknown device or a machine without CUDA is an error naming the
+    /// `--device` flag.
+    pub fn engine_device(&mut self, device: &str) -> Result<&mut Self> {
+        let ordinal = match device {
+            "cpu" => {
+                self.cuda = None;
+                return Ok(self);
+            }
+            "cuda" => 0,
+            d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => n,
+                _ => bail!("--device must be `cpu`, `cuda` or `cuda:N`, got `{device}`"),
+            },
+        };
+        ensure!(
+            !self.engine.is_int8(),
+            "--int8 is a CPU option: the CUDA engine runs f32 weights"
+        );
+        self.cuda = Some(CudaEngine::new(&self.engine, ordinal).context("--device cuda")?);
+        Ok(self)
+    }
+
+    /// Weight-only int8 quantisation of the CPU engine (`--int8`; see
+    /// [`Engine::quantize_int8`]).
+    pub fn quantize_int8(&mut self) -> Result<&mut Self> {
+        ensure!(
+            self.cuda.is_none(),
+            "--int8 is a CPU option: the CUDA engine runs f32 weights"
+        );
+        self.engine.quantize_int8();
+        Ok(self)
+    }
+
+    /// The name of what generation and scoring run on, e.g. "streaming engine (CPU, int8)".
+    pub fn backend_name(&self) -> String {
+        match (&self.cuda, self.use_engine) {
+            (_, false) => "dfdx forward_stream".into(),
+            (Some(c), true) => format!("streaming engine ({}, f32)", c.device_name),
+            (None, true) => format!(
+                "streaming engine (CPU, {})",
+                if self.engine.is_int8() { "int8" } else { "f32" }
+            ),
+        }
     }
 
     /// Whether generation and scoring run on the streaming engine (`true`, the default) or on
@@ -213,6 +265,12 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
     }
 
     fn fresh_stream(&self) -> Result<Stream<P::State>> {
+        if let (Some(c), true) = (&self.cuda, self.use_engine) {
+            return Ok(Stream::Cuda(Box::new(match &self.rewindow {
+                None => c.new_state(PREFILL_BLOCK)?,
+                Some(rw) => c.new_state_rewindowed(c.dims.chunk, rw.clone())?,
+            })));
+        }
         match (&self.rewindow, self.use_engine) {
             (None, false) => Ok(Stream::Model(self.model.fresh_state())),
             (None, true) => Ok(Stream::Engine(Box::new(
@@ -232,6 +290,7 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
         match st {
             Stream::Model(s) => P::state_bytes(s),
             Stream::Engine(s) => Engine::state_bytes(s),
+            Stream::Cuda(s) => CudaEngine::state_bytes(s),
         }
     }
     /// Pairs a model with a tokenizer; the tokenizer's ids must fit the model's vocabulary.
@@ -325,6 +384,14 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
             Stream::Engine(state) => {
                 let want = if last_only { Want::Last } else { Want::All };
                 self.engine.feed(state, ids, want, on_row)
+            }
+            Stream::Cuda(state) => {
+                let want = if last_only { Want::Last } else { Want::All };
+                let cuda = self
+                    .cuda
+                    .as_ref()
+                    .context("a CUDA stream without the CUDA engine")?;
+                cuda.feed(state, ids, want, on_row)
             }
         }
     }

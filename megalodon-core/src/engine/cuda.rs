@@ -523,6 +523,52 @@ impl CudaEngine {
         )
     }
 
+    /// Bytes of device memory in use (by every process), from the driver.
+    pub fn device_mem_used(&self) -> Result<usize> {
+        let (free, total) = self
+            .stream
+            .context()
+            .mem_get_info()
+            .map_err(|err| anyhow!("cuda engine: {err:?}"))?;
+        Ok(total.saturating_sub(free))
+    }
+
+    /// Seconds per token of the decode step's matrix products alone (cuBLAS, every linear layer
+    /// and the head, `reps` repetitions on `state`'s scratch, whose values are overwritten; the
+    /// stream itself is untouched): the bound a decode step can approach.
+    pub fn time_matvecs(&self, state: &mut CudaState, reps: usize) -> Result<f64> {
+        let s = &mut state.s;
+        let one = |dst: &mut CudaSlice<f32>, x: &CudaSlice<f32>, l: &DLin| {
+            self.gemm(dst, x, &l.w, (1, l.out, l.inp), 0.0)
+        };
+        self.synchronize()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            for lw in &self.layers {
+                one(&mut s.zq, &s.mx, &lw.wz)?;
+                one(&mut s.vv, &s.xn, &lw.wv)?;
+                one(&mut s.r, &s.mx, &lw.wr)?;
+                one(&mut s.y, &s.mx, &lw.wh1)?;
+                one(&mut s.y, &s.att, &lw.wh2)?;
+                one(&mut s.u, &s.yn, &lw.fc1)?;
+                if let Some(fc3) = &lw.fc3 {
+                    one(&mut s.u3, &s.yn, fc3)?;
+                }
+                one(&mut s.xn, &s.u, &lw.fc2)?;
+            }
+            let w = self.head.as_ref().unwrap_or(&self.embed);
+            self.gemm(
+                &mut s.logits,
+                &s.xn,
+                w,
+                (1, self.dims.vocab, self.dims.m),
+                0.0,
+            )?;
+        }
+        self.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() / reps.max(1) as f64)
+    }
+
     /// Waits for the device to finish the queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
