@@ -68,6 +68,10 @@ struct Args {
     /// Megalodon preset: small (4 layers, D 256) or mega200m (12 layers, D 1024).
     #[arg(long, default_value = "small")]
     preset: String,
+    /// Recompute each Megalodon layer's activations in backward instead of keeping them
+    /// (`Backbone::recompute`): less peak memory for one more forward pass per layer.
+    #[arg(long)]
+    recompute: bool,
     /// Internal: run one measurement, `megalodon:LEN` or `transformer:LEN`.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -252,6 +256,7 @@ macro_rules! megalodon_runs {
         let conf = $ty::<f32, D>::default_conf($args.chunk, VOCAB);
         let params = param_count(&conf);
         let mut m = $ty::<f32, D>::new($dev, conf, 0)?;
+        m.backbone.recompute = $args.recompute;
         let runs = measure(
             || {
                 let grads = alloc_grads(&mut m)?;
@@ -360,6 +365,9 @@ fn spawn_child(args: &Args, model: &str, len: usize) -> Cell {
         .arg(&args.preset);
     if let Some(m) = args.warmup_max_len {
         cmd.arg("--warmup-max-len").arg(m.to_string());
+    }
+    if args.recompute {
+        cmd.arg("--recompute");
     }
     if let Some(n) = args.threads {
         cmd.env("RAYON_NUM_THREADS", n.to_string());
@@ -479,8 +487,13 @@ fn run_parent(args: &Args) -> Result<()> {
         other => bail!("--device must be cpu or cuda, got {other:?}"),
     };
     println!(
-        "{desc}, chunk {}, {mparams} params) vs pre-norm Transformer (4 layers, D 256, FFN 688, {} head of width {}, full causal T x T attention, {} params); batch 1, vocabulary {VOCAB}, f32, {device}; one forward + cross entropy + backward, median of {} run(s) after {}; {peak}.",
+        "{desc}, chunk {}, {mparams} params{}) vs pre-norm Transformer (4 layers, D 256, FFN 688, {} head of width {}, full causal T x T attention, {} params); batch 1, vocabulary {VOCAB}, f32, {device}; one forward + cross entropy + backward, median of {} run(s) after {}; {peak}.",
         args.chunk,
+        if args.recompute {
+            ", layers recomputed in backward"
+        } else {
+            ""
+        },
         TF_HEADS,
         DM / TF_HEADS,
         Transformer::<Cpu>::num_params(),

@@ -122,6 +122,8 @@ pub trait TextModel<D: MegaDevice<f32> = Cpu>:
     fn logits(&self, tokens: &[usize], b: usize, t: usize) -> Result<Vec<f32>>;
     /// Sum of the next-token losses of `batch` and how many targets were scored.
     fn loss_sum(&self, batch: &Batch) -> Result<(f64, usize)>;
+    /// Whether training recomputes each layer's activations in backward (less memory).
+    fn set_recompute(&mut self, on: bool);
 }
 
 impl<
@@ -179,5 +181,9 @@ impl<
             .context("validation forward")?;
         let loss = cross_entropy(logits, &batch.targets)?.as_vec()[0];
         Ok((f64::from(loss) * n as f64, n))
+    }
+
+    fn set_recompute(&mut self, on: bool) {
+        self.backbone.recompute = on;
     }
 }

@@ -22,6 +22,7 @@ use rand::Rng;
 /// with `MX = RMSNorm(M)`. Shared by the causal unit and the bidirectional block; its parameter
 /// names sit directly under the unit's prefix (`gamma`, `beta`, `rmsnorm`, `wv`, `wz`, `wr`,
 /// `wh1`, `wh2`), as in the official state dict.
+#[derive(Clone)]
 pub struct GatedProjections<
     const M: usize,
     const Z: usize,
@@ -166,6 +167,7 @@ impl<const M: usize, const Z: usize, const V: usize, const H: usize, E: Float, D
 ///
 /// Generics: `M` model_dim, `Z` z_dim, `V` value_dim, `H` num_heads, `N` cema_ndim, `G`
 /// norm_num_groups.
+#[derive(Clone)]
 pub struct MovingAverageGatedAttention<
     const M: usize,
     const Z: usize,

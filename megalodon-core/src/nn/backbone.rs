@@ -39,6 +39,9 @@ pub struct Backbone<
     pub final_norm: TimestepNorm<M, G, E, D>,
     /// The run-time configuration (official `ModelConf`; `vocab_size` is not used here).
     pub conf: ModelConf,
+    /// Recompute each layer's activations in backward instead of keeping them (training without
+    /// a streaming state; see [`MegaBlock::forward_recomputed`]): less memory, one more forward.
+    pub recompute: bool,
 }
 
 impl<
@@ -51,7 +54,7 @@ impl<
         const N: usize,
         const G: usize,
         E: Float,
-        D: MegaDevice<E>,
+        D: MegaDevice<E> + 'static,
     > Backbone<L, M, Z, V, H, F, N, G, E, D>
 {
     /// The compile-time widths of this type.
@@ -76,6 +79,7 @@ impl<
             layers,
             final_norm: TimestepNorm::new(dev, conf.norm_eps),
             conf,
+            recompute: false,
         })
     }
 
@@ -131,7 +135,10 @@ impl<
                 p.push(Probe::default());
                 p.last_mut().expect("just pushed")
             });
-            x = layer.forward(x, chunk, ls, probe)?;
+            x = match (ls, probe) {
+                (None, None) if self.recompute => layer.forward_recomputed(x, chunk)?,
+                (ls, probe) => layer.forward(x, chunk, ls, probe)?,
+            };
         }
         let norm0 = state.as_ref().map(|s| NormState {
             count: s.final_norm.count.clone(),

@@ -14,6 +14,7 @@ use rand::Rng;
 
 /// Generics: `M` model_dim, `Z` z_dim, `V` value_dim, `H` num_heads, `F` ffn_hidden_dim,
 /// `N` cema_ndim, `G` norm_num_groups; dtype `E` and device `D` last.
+#[derive(Clone)]
 pub struct MegaBlock<
     const M: usize,
     const Z: usize,

@@ -24,6 +24,7 @@ pub fn normal_vec<E: Dtype>(rng: &mut impl Rng, n: usize, std: f64, cut: Option<
 }
 
 /// `Linear(I -> O)`: weight `(O, I)` (PyTorch layout), optional bias `(O,)`; `y = x W^T + b`.
+#[derive(Clone)]
 pub struct Linear<const I: usize, const O: usize, E: Dtype, D: Device<E>> {
     pub weight: Tensor<Rank2<O, I>, E, D>,
     pub bias: Option<Tensor<Rank1<O>, E, D>>,
@@ -85,6 +86,7 @@ where
 }
 
 /// RMSNorm with weight applied as `1 + w` (official `layer_norm.RMSNorm`).
+#[derive(Clone)]
 pub struct RmsNorm<const M: usize, E: Dtype, D: Device<E>> {
     pub weight: Tensor<Rank1<M>, E, D>,
     pub eps: f64,
@@ -112,6 +114,7 @@ impl<const M: usize, E: Float, D: Device<E>> Params<E, D> for RmsNorm<M, E, D> {
 }
 
 /// LayerNorm over the last axis with weight `1 + w` and bias (official `layer_norm.LayerNorm`).
+#[derive(Clone)]
 pub struct LayerNorm<const M: usize, E: Dtype, D: Device<E>> {
     pub weight: Tensor<Rank1<M>, E, D>,
     pub bias: Tensor<Rank1<M>, E, D>,

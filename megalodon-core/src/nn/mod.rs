@@ -14,6 +14,7 @@ pub mod layers;
 pub mod model;
 pub mod nffn;
 pub mod probe;
+pub mod recompute;
 pub mod rope;
 pub mod scan;
 pub mod state;

@@ -11,6 +11,7 @@ use dfdx::prelude::*;
 use rand::Rng;
 
 /// Plain (`fc1`, `fc2`) or SwiGLU (`fc3` too) FFN of hidden width `F` with pre-LayerNorm.
+#[derive(Clone)]
 pub struct NormalizedFfn<const M: usize, const F: usize, E: Dtype, D: Device<E>> {
     pub norm: LayerNorm<M, E, D>,
     pub fc1: Linear<M, F, E, D>,

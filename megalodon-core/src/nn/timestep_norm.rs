@@ -65,6 +65,7 @@ fn real_steps(pad: Option<&[bool]>, b: usize, t: usize) -> Result<Vec<bool>> {
 }
 
 /// Causal group norm over `M` features in `G` contiguous groups. Weight is applied as `1 + w`.
+#[derive(Clone)]
 pub struct TimestepNorm<const M: usize, const G: usize, E: Dtype, D: Device<E>> {
     pub weight: Tensor<Rank1<M>, E, D>,
     pub bias: Tensor<Rank1<M>, E, D>,

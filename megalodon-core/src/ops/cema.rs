@@ -26,6 +26,7 @@ use crate::util::{c, Float};
 use dfdx::prelude::*;
 
 /// CEMA over `M` channels of order `N`. Field names are the official state-dict keys.
+#[derive(Clone)]
 pub struct MultiHeadComplexEma<const M: usize, const N: usize, E: Dtype, D: Device<E>> {
     /// (D, N, 1): input coefficient p = sigmoid(alpha).
     pub alpha: Tensor<Rank3<M, N, 1>, E, D>,
