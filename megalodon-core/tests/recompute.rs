@@ -1,11 +1,14 @@
 //! Activation recomputation (`Backbone::recompute`) gives the gradients of the plain path: every
-//! parameter's gradient of a Tiny LM over several chunks, batch 2, within 1e-5 of the largest.
+//! parameter's gradient of a Tiny LM over several chunks, batch 2, within 1e-5 of the largest,
+//! with every layer's attention unit and FFN recomputed in backward.
 
 use dfdx::prelude::*;
 use megalodon_core::nn::model::cross_entropy;
+use megalodon_core::nn::recompute::RECOMPUTED;
 use megalodon_core::params::{alloc_grads, ParamVisitor, Params};
 use megalodon_core::presets::Tiny;
 use rand::{Rng, SeedableRng};
+use std::sync::atomic::Ordering;
 
 struct Collect<'a>(&'a Gradients<f32, Cpu>, Vec<(String, Vec<f32>)>);
 impl ParamVisitor<f32, Cpu> for Collect<'_> {
@@ -41,7 +44,11 @@ fn recomputed_layers_give_the_plain_gradients() {
     let targets: Vec<Option<usize>> = (0..b * t).map(|_| Some(rng.gen_range(0..50))).collect();
     let (l0, g0) = grads(&mut m, &toks, &targets, b, t);
     m.backbone.recompute = true;
+    let before = RECOMPUTED.load(Ordering::Relaxed);
     let (l1, g1) = grads(&mut m, &toks, &targets, b, t);
+    // the attention unit and the FFN of every layer were recomputed
+    let layers = m.backbone.layers.len() as u64;
+    assert_eq!(RECOMPUTED.load(Ordering::Relaxed) - before, 2 * layers);
     assert_eq!(l0, l1, "the forward pass must not change");
     let scale = g0
         .iter()
