@@ -17,7 +17,7 @@
 //! (it does not change the cost), untied output layer, all built from dfdx's `Linear`,
 //! `LayerNorm1D` and `Embedding`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use dfdx::nn::{modules, DeviceBuildExt, Module};
 use dfdx::prelude::*;
@@ -72,6 +72,11 @@ struct Args {
     /// (`Backbone::recompute`): less peak memory for one more forward pass per layer.
     #[arg(long)]
     recompute: bool,
+    /// Instead of the table: one step of the Megalodon preset at the first length (after a
+    /// warm-up step), with the time split per op class (matrix products, CEMA, attention, norms,
+    /// elementwise, copies around attention; the rest is the embedding, head, loss and tape).
+    #[arg(long)]
+    profile: bool,
     /// Internal: run one measurement, `megalodon:LEN` or `transformer:LEN`.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -538,8 +543,108 @@ fn run_parent(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// `--profile`: one step of the preset at `lengths[0]` on the CPU, split per op class.
+fn run_profile(args: &Args) -> Result<()> {
+    use megalodon_core::profile::{self, OpClass};
+    ensure!(
+        args.device == "cpu",
+        "--profile runs on the CPU (--device cpu)"
+    );
+    let t = *args.lengths.first().context("--lengths is empty")?;
+    let dev: Cpu = Default::default();
+    dev.enable_cache();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
+    let seq: Vec<usize> = (0..=t).map(|_| rng.gen_range(0..VOCAB)).collect();
+    let (tokens, targets): (Vec<usize>, Vec<Option<usize>>) = (
+        seq[..t].to_vec(),
+        seq[1..].iter().map(|&x| Some(x)).collect(),
+    );
+    macro_rules! step {
+        ($ty:ident) => {{
+            let conf = $ty::<f32, Cpu>::default_conf(args.chunk, VOCAB);
+            let mut m = $ty::<f32, Cpu>::new(&dev, conf, 0)?;
+            m.backbone.recompute = args.recompute;
+            let mut one = || -> Result<(f64, f64)> {
+                let grads = alloc_grads(&mut m)?;
+                fwd_bwd(&dev, || {
+                    cross_entropy(m.forward_train(&tokens, 1, t, grads)?, &targets)
+                })
+            };
+            one()?; // warm-up: fresh pages and an empty allocation cache
+            profile::enable(true);
+            let r = one();
+            profile::enable(false);
+            r?
+        }};
+    }
+    let (fwd_ms, bwd_ms) = match args.preset.as_str() {
+        "small" => step!(Small),
+        "mega200m" => step!(Mega200M),
+        other => bail!("--preset must be small or mega200m, got {other:?}"),
+    };
+    // enable(false) kept the report; read it before anything clears it
+    let r = profile::report();
+    let total = fwd_ms + bwd_ms;
+    println!(
+        "one step of {} at {t} tokens (chunk {}{}), CPU, {} threads: forward {fwd_ms:.0} ms, backward {bwd_ms:.0} ms",
+        args.preset,
+        args.chunk,
+        if args.recompute { ", layers recomputed" } else { "" },
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!(
+            "{} (all cores)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ))
+    );
+    println!();
+    println!("| op class | forward ms | backward ms | total ms | share of the step |");
+    println!("|---|---:|---:|---:|---:|");
+    let (mut f_sum, mut b_sum) = (0.0, 0.0);
+    for c in OpClass::ALL {
+        let (f, b) = (r.forward[c as usize] * 1e3, r.backward[c as usize] * 1e3);
+        f_sum += f;
+        b_sum += b;
+        println!(
+            "| {} | {f:.0} | {b:.0} | {:.0} | {:.1}% |",
+            c.name(),
+            f + b,
+            100.0 * (f + b) / total
+        );
+    }
+    let rest = (total - f_sum - b_sum).max(0.0);
+    if args.recompute {
+        // the recomputed forward passes run inside backward: their regions count as forward
+        println!(
+            "| other (embedding, head, loss, tape bookkeeping) | - | - | {rest:.0} | {:.1}% |",
+            100.0 * rest / total
+        );
+    } else {
+        let (fo, bo) = ((fwd_ms - f_sum).max(0.0), (bwd_ms - b_sum).max(0.0));
+        println!(
+            "| other (embedding, head, loss, tape bookkeeping) | {fo:.0} | {bo:.0} | {:.0} | {:.1}% |",
+            fo + bo,
+            100.0 * (fo + bo) / total
+        );
+    }
+    println!("| **step** | {fwd_ms:.0} | {bwd_ms:.0} | {total:.0} | 100% |");
+    if args.recompute {
+        println!();
+        println!(
+            "(with --recompute the forward column includes the forward passes recomputed during \
+             backward; the step's backward time includes them too)"
+        );
+    }
+    println!();
+    println!(
+        "allocation has no row: dfdx allocates inside its ops, so that time is in the op's class"
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.profile && args.child.is_none() {
+        return run_profile(&args);
+    }
     match &args.child {
         Some(spec) => run_child(&args, spec),
         None => run_parent(&args),

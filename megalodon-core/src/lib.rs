@@ -44,6 +44,7 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod presets;
+pub mod profile;
 pub mod util;
 
 pub use config::ModelConf;

@@ -12,6 +12,7 @@ pub use super::state::{KvCache, LayerState};
 use super::timestep_norm::{NormState, TimestepNorm};
 use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
+use crate::profile::{self, OpClass};
 use crate::util::{c, Float};
 use anyhow::Result;
 use dfdx::prelude::*;
@@ -123,6 +124,7 @@ impl<
         probe: &mut Option<&mut Probe>,
     ) -> Result<(Seq<M, E, D, T>, Option<KvCache<H, E, D>>)> {
         let (b, t, _) = *x.shape();
+        let x = profile::enter(OpClass::Elementwise, x);
         let mx = self.rmsnorm.forward(m);
         Probe::put(probe, "MX", &mx);
         let (q, k) = self.queries_keys(mx.retaped::<T>(), probe);
@@ -131,7 +133,7 @@ impl<
         let r = silu(self.wr.forward(mx.retaped::<T>()));
         Probe::put(probe, "R", &r);
         let (a, kv) = chunked_attention(
-            q,
+            profile::enter(OpClass::Copies, q),
             k,
             vv.reshape_like(&(b, t, Const::<H>, V / H)),
             cache,
@@ -139,9 +141,10 @@ impl<
             &self.rope,
             masking,
         )?;
-        let a = a.reshape_like(&(b, t, Const::<V>));
+        let a = profile::leave(OpClass::Copies, a.reshape_like(&(b, t, Const::<V>)));
         Probe::put(probe, "A", &a);
         let y = x + self.wh1.forward(mx) + self.wh2.forward(a * r);
+        let y = profile::leave(OpClass::Elementwise, y);
         Probe::put(probe, "Y", &y);
         Ok((y, kv))
     }
@@ -229,9 +232,13 @@ impl<
             ),
             None => (None, None, None),
         };
-        let (xn, norm1) = self.timenorm.try_forward(x.retaped::<T>(), norm0, None)?;
+        let xin = profile::enter(OpClass::Norms, x.retaped::<T>());
+        let (xn, norm1) = self.timenorm.try_forward(xin, norm0, None)?;
+        let xn = profile::leave(OpClass::Norms, xn);
         Probe::put(&mut probe, "Xn", &xn);
-        let (m, h1) = D::cema(&self.cema, xn.retaped::<T>(), h0, state.is_some())?;
+        let u = profile::enter(OpClass::Cema, xn.retaped::<T>());
+        let (m, h1) = D::cema(&self.cema, u, h0, state.is_some())?;
+        let m = profile::leave(OpClass::Cema, m);
         Probe::put(&mut probe, "M", &m);
         let (y, kv1) = self
             .proj

@@ -14,6 +14,7 @@ use super::timestep_norm::{NormState, TimestepNorm};
 use crate::config::{Dims, ModelConf};
 use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
+use crate::profile::{self, OpClass};
 use crate::util::Float;
 use anyhow::{ensure, Result};
 use dfdx::prelude::*;
@@ -145,7 +146,9 @@ impl<
             mean: s.final_norm.mean.retaped::<T>(),
             var: s.final_norm.var.retaped::<T>(),
         });
+        let x = profile::enter(OpClass::Norms, x);
         let (y, norm1) = self.final_norm.try_forward(x, norm0, None)?;
+        let y = profile::leave(OpClass::Norms, y);
         if let Some(s) = state {
             s.final_norm = NormState {
                 count: norm1.count,

@@ -4,6 +4,7 @@
 use super::rope::Rope;
 use super::state::KvCache;
 use crate::device::{BlockMask, MegaDevice};
+use crate::profile::{self, OpClass};
 use crate::util::Float;
 use anyhow::{ensure, Result};
 use dfdx::prelude::*;
@@ -108,8 +109,9 @@ pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, 
         _ => None,
     };
     let positions: Vec<usize> = (cl..cl + t).map(|p| p % chunk).collect();
+    let q = profile::enter(OpClass::Elementwise, q);
     let qr = rope.apply(q, &positions);
-    let kr = rope.apply(k, &positions);
+    let kr = profile::leave(OpClass::Elementwise, rope.apply(k, &positions));
     let (k_all, v_all) = match cache {
         Some(cc) if cl > 0 => (
             (cc.k.retaped::<T>(), kr).concat_along(Axis::<1>),
@@ -140,7 +142,9 @@ pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, 
         let qh = qr.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, T, dz)
         let kh = k_all.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, L, dz)
         let vh = v_all.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, L, dv)
-        let a = D::block_attention(qh, kh, vh, &mask)?.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, T, H, dv)
+        let qh = profile::enter(OpClass::Attention, qh);
+        let a = D::block_attention(qh, kh, vh, &mask)?;
+        let a = profile::leave(OpClass::Attention, a).permute::<_, Axes4<0, 2, 1, 3>>(); // (B, T, H, dv)
         return Ok((a.reshape_like(&(b, t, Const::<H>, dv)), new_cache));
     }
 
@@ -180,7 +184,9 @@ pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, 
     let v4 = v_all
         .reshape_like(&(bn, chunk, Const::<H>, dv))
         .permute::<_, Axes4<0, 2, 1, 3>>();
+    let q4 = profile::enter(OpClass::Attention, q4);
     let a = D::block_attention(q4, k4, v4, &mask)?; // (B*nc, H, C, dv)
+    let a = profile::leave(OpClass::Attention, a);
     let a = a
         .permute::<_, Axes4<0, 2, 1, 3>>()
         .reshape_like(&(b, lp, Const::<H>, dv));

@@ -2,6 +2,7 @@
 //! LayerNorm with the Megalodon `1 + w` weight convention, SiLU.
 
 use crate::params::{join, ParamVisitor, Params};
+use crate::profile::{self, OpClass};
 use crate::util::{c, Float};
 use anyhow::Result;
 use dfdx::prelude::*;
@@ -42,14 +43,16 @@ impl<const I: usize, const O: usize, E: Float, D: Device<E>> Linear<I, O, E, D> 
 
     /// `x (B, T, I) -> (B, T, O)`.
     pub fn forward<T: Tape<E, D>>(&self, x: Seq<I, E, D, T>) -> Seq<O, E, D, T> {
+        let x = profile::enter(OpClass::MatMul, x);
         let y = x.matmul(self.weight.retaped::<T>().permute::<Rank2<I, O>, _>());
-        match &self.bias {
+        let y = match &self.bias {
             Some(b) => {
                 let s = *y.shape();
                 y + b.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&s)
             }
             None => y,
-        }
+        };
+        profile::leave(OpClass::MatMul, y)
     }
 }
 
@@ -101,9 +104,10 @@ impl<const M: usize, E: Float, D: Device<E>> RmsNorm<M, E, D> {
     }
 
     pub fn forward<T: Tape<E, D>>(&self, x: Seq<M, E, D, T>) -> Seq<M, E, D, T> {
+        let x = profile::enter(OpClass::Norms, x);
         let s = *x.shape();
         let w = (self.weight.retaped::<T>() + c::<E>(1.0)).broadcast_like::<_, Axes2<0, 1>>(&s);
-        rms_normalize(x, self.eps) * w
+        profile::leave(OpClass::Norms, rms_normalize(x, self.eps) * w)
     }
 }
 
@@ -137,7 +141,8 @@ impl<const M: usize, E: Float, D: Device<E>> LayerNorm<M, E, D> {
             .bias
             .retaped::<T>()
             .broadcast_like::<_, Axes2<0, 1>>(&s);
-        x.normalize::<Axis<2>>(self.eps) * w + b
+        let x = profile::enter(OpClass::Norms, x);
+        profile::leave(OpClass::Norms, x.normalize::<Axis<2>>(self.eps) * w + b)
     }
 }
 

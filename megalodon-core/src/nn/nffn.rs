@@ -5,6 +5,7 @@
 use super::attention::Probe;
 use super::layers::{silu, LayerNorm, Linear, Seq};
 use crate::params::{join, ParamVisitor, Params};
+use crate::profile::{self, OpClass};
 use crate::util::{c, Float};
 use anyhow::Result;
 use dfdx::prelude::*;
@@ -51,6 +52,7 @@ impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F,
         x: Seq<M, E, D, T>,
         probe: &mut Option<&mut Probe>,
     ) -> Seq<M, E, D, T> {
+        let y = profile::enter(OpClass::Elementwise, y);
         let yn = self.norm.forward(y);
         Probe::put(probe, "Yn", &yn);
         let u = match &self.fc3 {
@@ -66,7 +68,7 @@ impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F,
             }
             None => o,
         };
-        x + o
+        profile::leave(OpClass::Elementwise, x + o)
     }
 }
 
