@@ -3,7 +3,7 @@
 //! the test skips with a message, unless `MEGALODON_REQUIRE_NVRTC=1` (set by `.ci/run`, which
 //! installs the `nvidia-cuda-nvrtc==13.0.48` wheel) makes that a failure.
 
-use megalodon_core::engine::cuda::compile_kernels;
+use megalodon_core::engine::cuda::{compile_kernels, KERNELS};
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
@@ -20,19 +20,7 @@ fn every_kernel_compiles_with_nvrtc() {
     for (name, p) in &ptx {
         println!("kernels/{name}: {} bytes of PTX", p.to_src().len());
     }
-    for entry in [
-        "embed_f32",
-        "bias_act_f32",
-        "mul_f32",
-        "residual_f32",
-        "qk_affine_f32",
-        "rms_rows_f32",
-        "layernorm_f32",
-        "timestep_norm_f32",
-        "cema_f32",
-        "rope_cache_f32",
-        "chunk_attention_f32",
-    ] {
+    for entry in KERNELS {
         assert!(
             all.contains(&format!(".entry {entry}(")),
             "no entry point {entry} in the PTX"

@@ -38,6 +38,21 @@ const SOURCES: [(&str, &str); 5] = [
     ),
 ];
 
+/// Every kernel entry point the engine launches (each defined in one of `kernels/*.cu`).
+pub const KERNELS: [&str; 11] = [
+    "embed_f32",
+    "bias_act_f32",
+    "mul_f32",
+    "residual_f32",
+    "qk_affine_f32",
+    "rms_rows_f32",
+    "layernorm_f32",
+    "timestep_norm_f32",
+    "cema_f32",
+    "rope_cache_f32",
+    "chunk_attention_f32",
+];
+
 /// Threads per block of the row kernels.
 const THREADS: u32 = 256;
 
@@ -267,19 +282,7 @@ impl CudaEngine {
             let module = ctx
                 .load_module(ptx)
                 .map_err(|err| anyhow!("loading kernels/{name}: {err:?}"))?;
-            for f in [
-                "embed_f32",
-                "bias_act_f32",
-                "mul_f32",
-                "residual_f32",
-                "qk_affine_f32",
-                "rms_rows_f32",
-                "layernorm_f32",
-                "timestep_norm_f32",
-                "cema_f32",
-                "rope_cache_f32",
-                "chunk_attention_f32",
-            ] {
+            for f in KERNELS {
                 if let Ok(func) = module.load_function(f) {
                     funcs.insert(f, func);
                 }
