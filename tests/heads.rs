@@ -199,7 +199,7 @@ impl<E: Float, D: MegaDevice<E>> Toy<E, D> {
     ) -> Tensor<(usize, usize), E, D, T> {
         let h = self
             .encoder
-            .forward(self.embed.forward(x), Some(lengths))
+            .forward(self.embed.forward(x).unwrap(), Some(lengths))
             .unwrap();
         self.head
             .forward(masked_mean_pool(h, Some(lengths)).unwrap())

@@ -341,7 +341,9 @@ impl<
         if let Some((i, &l)) = lengths.iter().enumerate().find(|(_, &l)| l == 0 || l > t) {
             bail!("clip {i} has real length {l} tokens, outside 1..={t}");
         }
-        let h = self.encoder.forward(self.embed.forward(x), Some(lengths))?;
+        let h = self
+            .encoder
+            .forward(self.embed.forward(x)?, Some(lengths))?;
         Ok(self.head.forward(masked_mean_pool(h, Some(lengths))?))
     }
 

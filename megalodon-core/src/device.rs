@@ -8,8 +8,11 @@
 
 pub use crate::ops::block_attention::{composed_block_attention, BlockMask, Blocks};
 use crate::ops::cema::{CemaState, MultiHeadComplexEma};
-use crate::util::Float;
-use crate::util::Seq;
+use crate::ops::gates::{composed_linear, composed_qk_norm, composed_silu, composed_silu_gate};
+use crate::ops::norms::{composed_layer_norm, composed_rms_norm};
+use crate::ops::rope::Rope;
+use crate::ops::timestep_norm::{composed_timestep_norm, NormState};
+use crate::util::{Float, Heads, Seq};
 use anyhow::Result;
 use dfdx::prelude::*;
 
@@ -44,6 +47,80 @@ pub trait MegaDevice<E: Float>: Device<E> + Sized {
     ) -> Result<Blocks<H, E, Self, T>> {
         composed_block_attention(q, k, v, mask)
     }
+
+    /// `x (B, T, I) W^T + b`, `W (O, I)`, see [`composed_linear`].
+    fn linear<const I: usize, const O: usize, T: Tape<E, Self>>(
+        x: Seq<I, E, Self, T>,
+        w: &Tensor<Rank2<O, I>, E, Self>,
+        b: Option<&Tensor<Rank1<O>, E, Self>>,
+    ) -> Result<Seq<O, E, Self, T>> {
+        Ok(composed_linear(x, w, b))
+    }
+
+    /// `x sigmoid(x)`.
+    fn silu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Result<Tensor<S, E, Self, T>> {
+        Ok(composed_silu(x))
+    }
+
+    /// The gate `a * silu(g)`.
+    fn silu_gate<S: Shape, T: Tape<E, Self>>(
+        g: Tensor<S, E, Self, T>,
+        a: Tensor<S, E, Self, T>,
+    ) -> Result<Tensor<S, E, Self, T>> {
+        Ok(composed_silu_gate(g, a))
+    }
+
+    /// Queries and keys from the shared Z, see [`composed_qk_norm`].
+    #[allow(clippy::type_complexity)]
+    fn qk_norm<const ZW: usize, const H: usize, T: Tape<E, Self>>(
+        z: Seq<ZW, E, Self, T>,
+        gamma: &Tensor<Rank2<2, ZW>, E, Self>,
+        beta: &Tensor<Rank2<2, ZW>, E, Self>,
+        eps: f64,
+    ) -> Result<(Seq<ZW, E, Self, T>, Seq<ZW, E, Self, T>)> {
+        Ok(composed_qk_norm::<ZW, H, E, Self, T>(z, gamma, beta, eps))
+    }
+
+    /// Chunk-restarting RoPE of `x (B, T, H, dz)` at within-chunk `positions`, see [`Rope::apply`].
+    fn rope<const H: usize, T: Tape<E, Self>>(
+        rope: &Rope,
+        x: Heads<H, E, Self, T>,
+        positions: &[usize],
+    ) -> Result<Heads<H, E, Self, T>> {
+        Ok(rope.apply(x, positions))
+    }
+
+    /// RMSNorm over the last axis (weight `1 + w` when given), see [`composed_rms_norm`].
+    fn rms_norm<const K: usize, T: Tape<E, Self>>(
+        x: Seq<K, E, Self, T>,
+        w: Option<&Tensor<Rank1<K>, E, Self>>,
+        eps: f64,
+    ) -> Result<Seq<K, E, Self, T>> {
+        Ok(composed_rms_norm(x, w, eps))
+    }
+
+    /// LayerNorm over the last axis (weight `1 + w`, bias), see [`composed_layer_norm`].
+    fn layer_norm<const K: usize, T: Tape<E, Self>>(
+        x: Seq<K, E, Self, T>,
+        w: &Tensor<Rank1<K>, E, Self>,
+        b: &Tensor<Rank1<K>, E, Self>,
+        eps: f64,
+    ) -> Result<Seq<K, E, Self, T>> {
+        Ok(composed_layer_norm(x, w, b, eps))
+    }
+
+    /// TimestepNorm with carried state and optional padding, see [`composed_timestep_norm`].
+    #[allow(clippy::type_complexity)]
+    fn timestep_norm<const M: usize, const G: usize, T: Tape<E, Self> + Merge<NoneTape>>(
+        x: Seq<M, E, Self, T>,
+        weight: &Tensor<Rank1<M>, E, Self>,
+        bias: &Tensor<Rank1<M>, E, Self>,
+        eps: f64,
+        state: Option<NormState<G, E, Self, T>>,
+        pad: Option<&[bool]>,
+    ) -> Result<(Seq<M, E, Self, T>, NormState<G, E, Self, T>)> {
+        composed_timestep_norm(x, weight, bias, eps, state, pad)
+    }
 }
 
 #[cfg_attr(feature = "composed-ops", allow(unused_macros))]
@@ -66,6 +143,45 @@ macro_rules! cpu_mega_device {
 
             fn block_attention<const H: usize, T: Tape<$e, Self>>(q: Blocks<H, $e, Self, T>, k: Blocks<H, $e, Self, T>, v: Blocks<H, $e, Self, T>, mask: &BlockMask) -> Result<Blocks<H, $e, Self, T>> {
                 crate::ops::attention_cpu::block_attention(q, k, v, mask)
+            }
+
+            fn linear<const I: usize, const O: usize, T: Tape<$e, Self>>(x: Seq<I, $e, Self, T>, w: &Tensor<Rank2<O, I>, $e, Self>, b: Option<&Tensor<Rank1<O>, $e, Self>>) -> Result<Seq<O, $e, Self, T>> {
+                crate::ops::gates_cpu::linear(x, w, b)
+            }
+
+            fn silu<S: Shape, T: Tape<$e, Self>>(x: Tensor<S, $e, Self, T>) -> Result<Tensor<S, $e, Self, T>> {
+                crate::ops::gates_cpu::silu(x)
+            }
+
+            fn silu_gate<S: Shape, T: Tape<$e, Self>>(g: Tensor<S, $e, Self, T>, a: Tensor<S, $e, Self, T>) -> Result<Tensor<S, $e, Self, T>> {
+                crate::ops::gates_cpu::silu_gate(g, a)
+            }
+
+            #[allow(clippy::type_complexity)]
+            fn qk_norm<const ZW: usize, const H: usize, T: Tape<$e, Self>>(z: Seq<ZW, $e, Self, T>, gamma: &Tensor<Rank2<2, ZW>, $e, Self>, beta: &Tensor<Rank2<2, ZW>, $e, Self>, eps: f64) -> Result<(Seq<ZW, $e, Self, T>, Seq<ZW, $e, Self, T>)> {
+                crate::ops::gates_cpu::qk_norm::<ZW, H, $e, T>(z, gamma, beta, eps)
+            }
+
+            fn rope<const H: usize, T: Tape<$e, Self>>(rope: &Rope, x: Heads<H, $e, Self, T>, positions: &[usize]) -> Result<Heads<H, $e, Self, T>> {
+                crate::ops::gates_cpu::rope(rope, x, positions)
+            }
+
+            fn rms_norm<const K: usize, T: Tape<$e, Self>>(x: Seq<K, $e, Self, T>, w: Option<&Tensor<Rank1<K>, $e, Self>>, eps: f64) -> Result<Seq<K, $e, Self, T>> {
+                crate::ops::norms_cpu::rms_norm(x, w, eps)
+            }
+
+            fn layer_norm<const K: usize, T: Tape<$e, Self>>(x: Seq<K, $e, Self, T>, w: &Tensor<Rank1<K>, $e, Self>, b: &Tensor<Rank1<K>, $e, Self>, eps: f64) -> Result<Seq<K, $e, Self, T>> {
+                crate::ops::norms_cpu::layer_norm(x, w, b, eps)
+            }
+
+            // padding, and a carried state that wants gradients, take the composed op
+            #[allow(clippy::type_complexity)]
+            fn timestep_norm<const M: usize, const G: usize, T: Tape<$e, Self> + Merge<NoneTape>>(x: Seq<M, $e, Self, T>, weight: &Tensor<Rank1<M>, $e, Self>, bias: &Tensor<Rank1<M>, $e, Self>, eps: f64, state: Option<NormState<G, $e, Self, T>>, pad: Option<&[bool]>) -> Result<(Seq<M, $e, Self, T>, NormState<G, $e, Self, T>)> {
+                if pad.is_none() && (state.is_none() || !T::OWNS_TAPE) {
+                    crate::ops::norms_cpu::timestep_norm(x, weight, bias, eps, state)
+                } else {
+                    composed_timestep_norm(x, weight, bias, eps, state, pad)
+                }
             }
         }
     };

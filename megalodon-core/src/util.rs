@@ -5,6 +5,10 @@ use dfdx::prelude::*;
 /// A `(B, T, K)` tensor with a compile-time feature width.
 pub type Seq<const K: usize, E, D, T = NoneTape> = Tensor<(usize, usize, Const<K>), E, D, T>;
 
+/// `(B, T, H, d)`: per-head tensors with a run-time head width.
+pub type Heads<const H: usize, E, D, T = NoneTape> =
+    Tensor<(usize, usize, Const<H>, usize), E, D, T>;
+
 /// The float dtypes the model runs in (f32 for use, f64 for gradient checks).
 pub trait Float: Dtype + num_traits::Float + std::fmt::Debug {}
 impl Float for f32 {}

@@ -444,7 +444,7 @@ fn rescale_nffn_scales_the_ffn_branch_by_alpha() {
     let x: Tensor<(usize, usize, Const<16>), f64, Cpu> = dev.sample_normal_like(&(2, 5, Const));
     let y: Tensor<(usize, usize, Const<16>), f64, Cpu> = dev.sample_normal_like(&(2, 5, Const));
     let branch = |f: &NormalizedFfn<16, 24, f64, Cpu>| -> Vec<f64> {
-        let out = f.forward(y.clone(), x.clone(), &mut None).as_vec();
+        let out = f.forward(y.clone(), x.clone(), &mut None).unwrap().as_vec();
         out.iter().zip(x.as_vec()).map(|(o, x)| o - x).collect()
     };
     let alpha: Vec<f64> = (0..16).map(|i| 0.5 + 0.1 * i as f64).collect();

@@ -437,7 +437,7 @@ impl<
             b > 0 && t > 0,
             "empty image batch ({b} images of {t} patches)"
         );
-        let mut h = self.patch_embed.forward(x);
+        let mut h = self.patch_embed.forward(x)?;
         if let (Some(pos), Some(idx)) = (&self.pos_embed, self.positions(t)?) {
             let dev = pos.device().clone();
             let idx: Tensor<(usize,), usize, D> = dev.tensor_from_vec(idx, (t,));

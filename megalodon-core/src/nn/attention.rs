@@ -13,7 +13,7 @@ use super::timestep_norm::{NormState, TimestepNorm};
 use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
 use crate::profile::{self, OpClass};
-use crate::util::{c, Float};
+use crate::util::Float;
 use anyhow::Result;
 use dfdx::prelude::*;
 use rand::Rng;
@@ -79,35 +79,32 @@ impl<
     }
 
     /// Per-head RMS-normalised Z and the Q/K affine: returns `(Q, K)` as `(B, T, H, dz)`.
+    #[allow(clippy::type_complexity)]
     fn queries_keys<T: Tape<E, D>>(
         &self,
         mx: Seq<M, E, D, T>,
         probe: &mut Option<&mut Probe>,
-    ) -> (Heads<H, E, D, T>, Heads<H, E, D, T>) {
+    ) -> Result<(Heads<H, E, D, T>, Heads<H, E, D, T>)> {
         let (b, t, _) = *mx.shape();
         let dz = Z / H;
-        let dev = mx.device().clone();
-        let zr = self.wz.forward(mx);
+        let zr = self.wz.forward(mx)?;
         Probe::put(probe, "Zr", &zr);
-        let zn = rms_normalize(zr.reshape_like(&(b, t, Const::<H>, dz)), self.eps)
+        if probe.is_some() {
+            let zn = rms_normalize(
+                zr.retaped::<NoneTape>()
+                    .reshape_like(&(b, t, Const::<H>, dz)),
+                self.eps,
+            )
             .reshape_like(&(b, t, Const::<Z>));
-        Probe::put(probe, "Zn", &zn);
-        let shape = (b, t, Const::<Z>);
-        let scale = c::<E>(1.0 / (dz as f64).sqrt());
-        let row = |p: &Tensor<Rank2<2, Z>, E, D>, i: usize| {
-            p.retaped::<T>()
-                .select(dev.tensor(i))
-                .broadcast_like::<_, Axes2<0, 1>>(&shape)
-        };
-        let q =
-            zn.retaped::<T>() * ((row(&self.gamma, 0) + c::<E>(1.0)) * scale) + row(&self.beta, 0);
-        let k = zn * ((row(&self.gamma, 1) + c::<E>(1.0)) * scale) + row(&self.beta, 1);
+            Probe::put(probe, "Zn", &zn);
+        }
+        let (q, k) = D::qk_norm::<Z, H, T>(zr, &self.gamma, &self.beta, self.eps)?;
         Probe::put(probe, "Q", &q);
         Probe::put(probe, "K", &k);
-        (
+        Ok((
             q.reshape_like(&(b, t, Const::<H>, dz)),
             k.reshape_like(&(b, t, Const::<H>, dz)),
-        )
+        ))
     }
 
     /// `x`: unit input, `xn`: its normalised form (values come from it), `m`: the CEMA output.
@@ -125,13 +122,16 @@ impl<
     ) -> Result<(Seq<M, E, D, T>, Option<KvCache<H, E, D>>)> {
         let (b, t, _) = *x.shape();
         let x = profile::enter(OpClass::Elementwise, x);
-        let mx = self.rmsnorm.forward(m);
+        let mx = self.rmsnorm.forward(m)?;
         Probe::put(probe, "MX", &mx);
-        let (q, k) = self.queries_keys(mx.retaped::<T>(), probe);
-        let vv = silu(self.wv.forward(xn));
+        let (q, k) = self.queries_keys(mx.retaped::<T>(), probe)?;
+        let vv = silu(self.wv.forward(xn)?)?;
         Probe::put(probe, "Vv", &vv);
-        let r = silu(self.wr.forward(mx.retaped::<T>()));
-        Probe::put(probe, "R", &r);
+        // the gate's pre-activation; R = silu(rg) is only materialised for a probe
+        let rg = self.wr.forward(mx.retaped::<T>())?;
+        if probe.is_some() {
+            Probe::put(probe, "R", &silu(rg.retaped::<NoneTape>())?);
+        }
         let (a, kv) = chunked_attention(
             profile::enter(OpClass::Copies, q),
             k,
@@ -143,7 +143,7 @@ impl<
         )?;
         let a = profile::leave(OpClass::Copies, a.reshape_like(&(b, t, Const::<V>)));
         Probe::put(probe, "A", &a);
-        let y = x + self.wh1.forward(mx) + self.wh2.forward(a * r);
+        let y = x + self.wh1.forward(mx)? + self.wh2.forward(D::silu_gate(rg, a)?)?;
         let y = profile::leave(OpClass::Elementwise, y);
         Probe::put(probe, "Y", &y);
         Ok((y, kv))

@@ -115,7 +115,7 @@ impl<
             Masking::Full(lengths),
             &mut None,
         )?;
-        Ok(self.nffn.forward(y, x, &mut None))
+        self.nffn.forward(y, x, &mut None)
     }
 }
 

@@ -67,7 +67,7 @@ impl<
         let y = self
             .mega
             .forward(x.retaped::<T>(), chunk, state, probe.as_deref_mut())?;
-        let out = self.nffn.forward(y, x, &mut probe);
+        let out = self.nffn.forward(y, x, &mut probe)?;
         Probe::put(&mut probe, "out", &out);
         Ok(out)
     }

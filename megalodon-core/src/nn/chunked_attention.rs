@@ -9,9 +9,7 @@ use crate::util::Float;
 use anyhow::{ensure, Result};
 use dfdx::prelude::*;
 
-/// `(B, T, H, d)`: per-head tensors with a run-time head width.
-pub type Heads<const H: usize, E, D, T = NoneTape> =
-    Tensor<(usize, usize, Const<H>, usize), E, D, T>;
+pub use crate::util::Heads;
 
 /// Zero-pads `x (B, L, H, d)` along time with `front` and `back` steps.
 fn pad_time<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
@@ -110,8 +108,8 @@ pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, 
     };
     let positions: Vec<usize> = (cl..cl + t).map(|p| p % chunk).collect();
     let q = profile::enter(OpClass::Elementwise, q);
-    let qr = rope.apply(q, &positions);
-    let kr = profile::leave(OpClass::Elementwise, rope.apply(k, &positions));
+    let qr = D::rope(rope, q, &positions)?;
+    let kr = profile::leave(OpClass::Elementwise, D::rope(rope, k, &positions)?);
     let (k_all, v_all) = match cache {
         Some(cc) if cl > 0 => (
             (cc.k.retaped::<T>(), kr).concat_along(Axis::<1>),

@@ -1,6 +1,8 @@
 //! Plain layers with official parameter names: linear (PyTorch weight layout), RMSNorm and
 //! LayerNorm with the Megalodon `1 + w` weight convention, SiLU.
 
+use crate::device::MegaDevice;
+pub use crate::ops::gates::rms_normalize;
 use crate::params::{join, ParamVisitor, Params};
 use crate::profile::{self, OpClass};
 use crate::util::{c, Float};
@@ -42,17 +44,13 @@ impl<const I: usize, const O: usize, E: Float, D: Device<E>> Linear<I, O, E, D> 
     }
 
     /// `x (B, T, I) -> (B, T, O)`.
-    pub fn forward<T: Tape<E, D>>(&self, x: Seq<I, E, D, T>) -> Seq<O, E, D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Seq<I, E, D, T>) -> Result<Seq<O, E, D, T>>
+    where
+        D: MegaDevice<E>,
+    {
         let x = profile::enter(OpClass::MatMul, x);
-        let y = x.matmul(self.weight.retaped::<T>().permute::<Rank2<I, O>, _>());
-        let y = match &self.bias {
-            Some(b) => {
-                let s = *y.shape();
-                y + b.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&s)
-            }
-            None => y,
-        };
-        profile::leave(OpClass::MatMul, y)
+        let y = D::linear(x, &self.weight, self.bias.as_ref())?;
+        Ok(profile::leave(OpClass::MatMul, y))
     }
 }
 
@@ -66,26 +64,11 @@ impl<const I: usize, const O: usize, E: Float, D: Device<E>> Params<E, D> for Li
     }
 }
 
-/// `silu(x) = x * sigmoid(x)`.
-pub fn silu<S: Shape, E: Float, D: Device<E>, T: Tape<E, D>>(
+/// `silu(x) = x * sigmoid(x)` on the device's kernel.
+pub fn silu<S: Shape, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,
-) -> Tensor<S, E, D, T> {
-    let s = x.retaped::<T>().sigmoid();
-    x * s
-}
-
-/// Root-mean-square normalisation over the last axis without weight: `x / sqrt(mean(x^2) + eps)`.
-pub fn rms_normalize<S, E, D, T>(x: Tensor<S, E, D, T>, eps: f64) -> Tensor<S, E, D, T>
-where
-    S: Shape + ReduceShape<S::LastAxis>,
-    E: Float,
-    D: Device<E>,
-    T: Tape<E, D>,
-{
-    let shape = *x.shape();
-    let ms = x.retaped::<T>().square().mean::<_, S::LastAxis>();
-    let r = (ms + c::<E>(eps)).sqrt().recip();
-    x * r.broadcast_like(&shape)
+) -> Result<Tensor<S, E, D, T>> {
+    D::silu(x)
 }
 
 /// RMSNorm with weight applied as `1 + w` (official `layer_norm.RMSNorm`).
@@ -103,11 +86,13 @@ impl<const M: usize, E: Float, D: Device<E>> RmsNorm<M, E, D> {
         }
     }
 
-    pub fn forward<T: Tape<E, D>>(&self, x: Seq<M, E, D, T>) -> Seq<M, E, D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Seq<M, E, D, T>) -> Result<Seq<M, E, D, T>>
+    where
+        D: MegaDevice<E>,
+    {
         let x = profile::enter(OpClass::Norms, x);
-        let s = *x.shape();
-        let w = (self.weight.retaped::<T>() + c::<E>(1.0)).broadcast_like::<_, Axes2<0, 1>>(&s);
-        profile::leave(OpClass::Norms, rms_normalize(x, self.eps) * w)
+        let y = D::rms_norm(x, Some(&self.weight), self.eps)?;
+        Ok(profile::leave(OpClass::Norms, y))
     }
 }
 
@@ -134,15 +119,13 @@ impl<const M: usize, E: Float, D: Device<E>> LayerNorm<M, E, D> {
         }
     }
 
-    pub fn forward<T: Tape<E, D>>(&self, x: Seq<M, E, D, T>) -> Seq<M, E, D, T> {
-        let s = *x.shape();
-        let w = (self.weight.retaped::<T>() + c::<E>(1.0)).broadcast_like::<_, Axes2<0, 1>>(&s);
-        let b = self
-            .bias
-            .retaped::<T>()
-            .broadcast_like::<_, Axes2<0, 1>>(&s);
+    pub fn forward<T: Tape<E, D>>(&self, x: Seq<M, E, D, T>) -> Result<Seq<M, E, D, T>>
+    where
+        D: MegaDevice<E>,
+    {
         let x = profile::enter(OpClass::Norms, x);
-        profile::leave(OpClass::Norms, x.normalize::<Axis<2>>(self.eps) * w + b)
+        let y = D::layer_norm(x, &self.weight, &self.bias, self.eps)?;
+        Ok(profile::leave(OpClass::Norms, y))
     }
 }
 

@@ -16,6 +16,6 @@ pub mod nffn;
 pub mod probe;
 pub mod recompute;
 pub mod rope;
-pub mod scan;
+pub use crate::ops::scan;
 pub mod state;
 pub mod timestep_norm;

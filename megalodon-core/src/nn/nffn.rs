@@ -4,6 +4,7 @@
 
 use super::attention::Probe;
 use super::layers::{silu, LayerNorm, Linear, Seq};
+use crate::device::MegaDevice;
 use crate::params::{join, ParamVisitor, Params};
 use crate::profile::{self, OpClass};
 use crate::util::{c, Float};
@@ -51,16 +52,19 @@ impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F,
         y: Seq<M, E, D, T>,
         x: Seq<M, E, D, T>,
         probe: &mut Option<&mut Probe>,
-    ) -> Seq<M, E, D, T> {
+    ) -> Result<Seq<M, E, D, T>>
+    where
+        D: MegaDevice<E>,
+    {
         let y = profile::enter(OpClass::Elementwise, y);
-        let yn = self.norm.forward(y);
+        let yn = self.norm.forward(y)?;
         Probe::put(probe, "Yn", &yn);
         let u = match &self.fc3 {
-            Some(fc3) => silu(self.fc1.forward(yn.retaped::<T>())) * fc3.forward(yn),
-            None => silu(self.fc1.forward(yn)),
+            Some(fc3) => D::silu_gate(self.fc1.forward(yn.retaped::<T>())?, fc3.forward(yn)?)?,
+            None => silu(self.fc1.forward(yn)?)?,
         };
         Probe::put(probe, "U", &u);
-        let o = self.fc2.forward(u);
+        let o = self.fc2.forward(u)?;
         let o = match &self.alpha {
             Some(a) => {
                 let s = *o.shape();
@@ -68,7 +72,7 @@ impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F,
             }
             None => o,
         };
-        profile::leave(OpClass::Elementwise, x + o)
+        Ok(profile::leave(OpClass::Elementwise, x + o))
     }
 }
 

@@ -97,7 +97,7 @@ impl<const M: usize, const F: usize, E: Float, D: MegaDevice<E> + 'static> Piece
         [y, x]: [Seq<M, E, D, T>; 2],
         _: usize,
     ) -> Result<Seq<M, E, D, T>> {
-        Ok(self.forward(y, x, &mut None))
+        self.forward(y, x, &mut None)
     }
 }
 

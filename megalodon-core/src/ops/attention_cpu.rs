@@ -17,6 +17,7 @@
 //! Rows without any visible key produce zeros and pass zero gradients.
 
 use super::block_attention::{BlockMask, Blocks};
+use super::host::mm;
 use crate::util::Float;
 use anyhow::{anyhow, ensure, Result};
 use dfdx::prelude::*;
@@ -143,57 +144,6 @@ where
         });
     }
     Ok(out.put_tape(tape))
-}
-
-/// `dst (m x n) (+)= lhs (m x k) * rhs (k x n)`; every matrix is given as pointer, row stride,
-/// column stride (in elements).
-///
-/// # Safety
-/// Every addressed element must lie inside its allocation, `dst` must not alias `lhs`/`rhs`
-/// and nobody else may access `dst` during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm<E: Float>(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut E, usize, usize),
-    accumulate: bool,
-    lhs: (*const E, usize, usize),
-    rhs: (*const E, usize, usize),
-    par: gemm::Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    *dst.0.add(i * dst.1 + j * dst.2) = E::zero();
-                }
-            }
-        }
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.2 as isize,
-        dst.1 as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        E::one(),
-        E::one(),
-        false,
-        false,
-        false,
-        par,
-    );
 }
 
 /// For rows `r0..r1` of block `b`: one past the last visible key of each row (0 = none).

@@ -1,8 +1,17 @@
-//! Sequence-mixing ops below the modules: the composed references (CEMA with its parameters,
-//! block attention) and the CPU kernels that override the composed ops on `Cpu` (see [`crate::device::MegaDevice`]). Each
-//! kernel is tested against its composed reference through the same test body.
+//! Ops below the modules: the composed references (CEMA with its parameters, block attention,
+//! TimestepNorm, the norms, gates, RoPE and the linear layer, all built from dfdx ops) and the
+//! CPU kernels that override them on `Cpu` (see [`crate::device::MegaDevice`]). Each kernel is
+//! tested against its composed reference through the same test body.
 
 pub mod attention_cpu;
 pub mod block_attention;
 pub mod cema;
 pub mod cema_cpu;
+pub mod gates;
+pub mod gates_cpu;
+pub(crate) mod host;
+pub mod norms;
+pub mod norms_cpu;
+pub mod rope;
+pub mod scan;
+pub mod timestep_norm;

@@ -1,0 +1,178 @@
+//! Plumbing shared by the fused CPU kernels (`norms_cpu`, `gates_cpu`): host copies of dfdx
+//! tensors, their gradient buffers, and row-parallel loops on rayon.
+//!
+//! A fused op reads its inputs once into host vectors (a `memcpy` of a contiguous tensor), runs
+//! its forward kernel, wraps the output vector as a tensor without copying, and records one
+//! backward op that reads the output's gradient and *adds* into the inputs' gradients (they may
+//! have other consumers) in place, in the buffers dfdx owns.
+
+use crate::util::Float;
+use anyhow::{anyhow, Result};
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+/// Elements per rayon task in the row loops (below this, one thread does the whole call).
+pub(crate) const GRAIN: usize = 16 * 1024;
+
+/// Splits `x` off its tape and copies its values to the host; returns the values, the tensor
+/// with no tape (whose `ghost()` names its gradient buffer) and the tape. A permuted or broadcast
+/// view is made contiguous first (dfdx records that copy's backward on the tape it returns).
+#[allow(clippy::type_complexity)]
+pub(crate) fn input<S: Shape, E: Float, T: Tape<E, Cpu>>(
+    x: Tensor<S, E, Cpu, T>,
+    what: &str,
+) -> Result<(Vec<E>, Tensor<S, E, Cpu>, T)>
+where
+    Cpu: Device<E>,
+{
+    let x = x
+        .try_contiguous()
+        .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))?;
+    let mut data = vec![E::zero(); x.shape().num_elements()];
+    // a contiguous tensor's storage holds exactly its elements, in logical order
+    x.copy_into(&mut data);
+    let (x, tape) = x.split_tape();
+    Ok((data, x, tape))
+}
+
+/// Wraps a host vector as a tensor of `shape` (no copy).
+pub(crate) fn output<S: Shape, E: Float>(
+    dev: &Cpu,
+    data: Vec<E>,
+    shape: S,
+    what: &str,
+) -> Result<Tensor<S, E, Cpu>>
+where
+    Cpu: Device<E>,
+{
+    dev.try_tensor_from_vec(data, shape)
+        .map_err(|e| anyhow!("{what}: output allocation failed: {e:?}"))
+}
+
+/// Inside a backward op: moves the gradient buffer of a ghost out of the gradient store
+/// (allocated as zeros if it has none yet) as `(buffer, owned)`. If the entry was already taken
+/// (the same tensor is two inputs of one op), a zeroed scratch buffer stands in (`owned` false)
+/// and [`restore_grad!`] adds it to the real one: restore buffers in the order they were
+/// taken, so that the real buffer is back before a scratch one is added to it. (A macro because dfdx does not export the
+/// ghost's type.)
+macro_rules! take_grad {
+    ($grads:expr, $ghost:expr, $n:expr) => {{
+        let b = std::mem::take(&mut **$grads.get_or_alloc_mut(&$ghost)?);
+        if b.len() == $n {
+            (b, true)
+        } else {
+            assert!(
+                b.is_empty(),
+                "fused op: gradient buffer of the wrong length"
+            );
+            (vec![num_traits::Zero::zero(); $n], false)
+        }
+    }};
+}
+
+/// Puts a buffer taken by [`take_grad!`] back (or adds a scratch buffer into the real one).
+macro_rules! restore_grad {
+    ($grads:expr, $ghost:expr, $taken:expr) => {{
+        let (buf, owned) = $taken;
+        let slot = &mut **$grads.get_or_alloc_mut(&$ghost)?;
+        if owned {
+            *slot = buf;
+        } else {
+            $crate::ops::host::add_into(slot, &buf);
+        }
+    }};
+}
+pub(crate) use {restore_grad, take_grad};
+
+/// Runs `f(first_row, rows_out)` over the rows of `out` (row length `width`) in parallel tasks
+/// of about [`GRAIN`] elements.
+pub(crate) fn par_rows<E: Send>(
+    out: &mut [E],
+    width: usize,
+    f: impl Fn(usize, &mut [E]) + Sync + Send,
+) {
+    let rows = (GRAIN / width.max(1)).max(1);
+    out.par_chunks_mut(rows * width)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * rows, chunk));
+}
+
+/// Like [`par_rows`], but each task also returns a partial sum (`init()`-shaped, e.g. a weight
+/// gradient) that is added up over the tasks.
+pub(crate) fn par_rows_sum<E: Send, A: Send>(
+    out: &mut [E],
+    width: usize,
+    init: impl Fn() -> A + Sync + Send,
+    f: impl Fn(usize, &mut [E], &mut A) + Sync + Send,
+    add: impl Fn(&mut A, A) + Sync + Send,
+) -> A {
+    let rows = (GRAIN / width.max(1)).max(1);
+    out.par_chunks_mut(rows * width)
+        .enumerate()
+        .fold(&init, |mut acc, (i, chunk)| {
+            f(i * rows, chunk, &mut acc);
+            acc
+        })
+        .reduce(&init, |mut a, b| {
+            add(&mut a, b);
+            a
+        })
+}
+
+/// Adds `src` into `dst` element by element.
+pub(crate) fn add_into<E: Float>(dst: &mut [E], src: &[E]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// `dst (m x n) (+)= lhs (m x k) * rhs (k x n)`; every matrix is given as pointer, row stride,
+/// column stride (in elements).
+///
+/// # Safety
+/// Every addressed element must lie inside its allocation, `dst` must not alias `lhs`/`rhs`
+/// and nobody else may access `dst` during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm<E: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut E, usize, usize),
+    accumulate: bool,
+    lhs: (*const E, usize, usize),
+    rhs: (*const E, usize, usize),
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.0.add(i * dst.1 + j * dst.2) = E::zero();
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        E::one(),
+        E::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
