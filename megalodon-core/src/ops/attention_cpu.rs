@@ -92,9 +92,7 @@ where
     let (qv, kv, vv) = (q.as_vec(), k.as_vec(), v.as_vec());
     let (ov, lse) = forward(dims, &qv, &kv, &vv, mask);
     let dev = q.device().clone();
-    let out = dev
-        .try_tensor_from_vec(ov, (bn, Const::<H>, lq, dv))
-        .map_err(|e| anyhow!("block attention: output allocation failed: {e:?}"))?;
+    let out = super::host::output(&dev, ov, (bn, Const::<H>, lq, dv), "block attention")?;
 
     if T::OWNS_TAPE {
         let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());

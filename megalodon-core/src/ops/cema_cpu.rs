@@ -714,7 +714,7 @@ where
         .flatten()
         .collect::<Vec<_>>()
     };
-    let y = dev.tensor_from_vec(yv, (b, t, Const::<M>));
+    let y = super::host::output(&dev, yv, (b, t, Const::<M>), "CEMA")?;
 
     let state: Option<(StateT<M, N, E>, StateT<M, N, E>)> = want_state.then(|| {
         let mut sr = vec![E::zero(); b * M * N];

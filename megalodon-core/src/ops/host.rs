@@ -35,7 +35,10 @@ where
     Ok((data, x, tape))
 }
 
-/// Wraps a host vector as a tensor of `shape` (no copy).
+/// A tensor of `shape` holding `data`. The tensor's storage is allocated by dfdx and the data
+/// copied in, rather than the vector being adopted: with dfdx's allocation cache on, every
+/// tensor's storage goes to that cache when dropped, and adopted vectors would pile up there
+/// (the cache only hands buffers back to dfdx's own allocations).
 pub(crate) fn output<S: Shape, E: Float>(
     dev: &Cpu,
     data: Vec<E>,
@@ -45,8 +48,11 @@ pub(crate) fn output<S: Shape, E: Float>(
 where
     Cpu: Device<E>,
 {
-    dev.try_tensor_from_vec(data, shape)
-        .map_err(|e| anyhow!("{what}: output allocation failed: {e:?}"))
+    let mut t = dev
+        .try_zeros_like(&shape)
+        .map_err(|e| anyhow!("{what}: output allocation failed: {e:?}"))?;
+    t.copy_from(&data);
+    Ok(t)
 }
 
 /// Inside a backward op: moves the gradient buffer of a ghost out of the gradient store
