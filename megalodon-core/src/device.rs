@@ -8,7 +8,9 @@
 
 pub use crate::ops::block_attention::{composed_block_attention, BlockMask, Blocks};
 use crate::ops::cema::{CemaState, MultiHeadComplexEma};
-use crate::ops::gates::{composed_linear, composed_qk_norm, composed_silu, composed_silu_gate};
+use crate::ops::gates::{
+    composed_linear, composed_linear_add, composed_qk_norm, composed_silu, composed_silu_gate,
+};
 use crate::ops::norms::{composed_layer_norm, composed_rms_norm};
 use crate::ops::rope::Rope;
 use crate::ops::timestep_norm::{composed_timestep_norm, NormState};
@@ -55,6 +57,16 @@ pub trait MegaDevice<E: Float>: Device<E> + Sized {
         b: Option<&Tensor<Rank1<O>, E, Self>>,
     ) -> Result<Seq<O, E, Self, T>> {
         Ok(composed_linear(x, w, b))
+    }
+
+    /// `x W^T + b + r` (the linear layer plus a residual), see [`composed_linear_add`].
+    fn linear_add<const I: usize, const O: usize, T: Tape<E, Self>>(
+        x: Seq<I, E, Self, T>,
+        w: &Tensor<Rank2<O, I>, E, Self>,
+        b: Option<&Tensor<Rank1<O>, E, Self>>,
+        r: Seq<O, E, Self, T>,
+    ) -> Result<Seq<O, E, Self, T>> {
+        Ok(composed_linear_add(x, w, b, r))
     }
 
     /// `x sigmoid(x)`.
@@ -147,6 +159,10 @@ macro_rules! cpu_mega_device {
 
             fn linear<const I: usize, const O: usize, T: Tape<$e, Self>>(x: Seq<I, $e, Self, T>, w: &Tensor<Rank2<O, I>, $e, Self>, b: Option<&Tensor<Rank1<O>, $e, Self>>) -> Result<Seq<O, $e, Self, T>> {
                 crate::ops::gates_cpu::linear(x, w, b)
+            }
+
+            fn linear_add<const I: usize, const O: usize, T: Tape<$e, Self>>(x: Seq<I, $e, Self, T>, w: &Tensor<Rank2<O, I>, $e, Self>, b: Option<&Tensor<Rank1<O>, $e, Self>>, r: Seq<O, $e, Self, T>) -> Result<Seq<O, $e, Self, T>> {
+                crate::ops::gates_cpu::linear_add(x, w, b, r)
             }
 
             fn silu<S: Shape, T: Tape<$e, Self>>(x: Tensor<S, $e, Self, T>) -> Result<Tensor<S, $e, Self, T>> {

@@ -114,6 +114,36 @@ fn linear_matches_composed() {
 }
 
 #[test]
+fn linear_with_residual_matches_composed() {
+    for bias in [true, false] {
+        same(&format!("linear + residual (bias: {bias})"), |imp| {
+            let x: X<6> = seq(1);
+            let r: X<4> = seq(31);
+            let w = param(2, Rank2::<4, 6>::default());
+            let b = param(3, Rank1::<4>::default());
+            let (xt, rt): (X<6, Tp>, X<4, Tp>) = (x.leaky_trace(), r.leaky_trace());
+            let bo = bias.then_some(&b);
+            let y = match imp {
+                Imp::Composed => {
+                    gates::composed_linear_add(xt.retaped::<Tp>(), &w, bo, rt.retaped::<Tp>())
+                }
+                Imp::Fused => {
+                    gates_cpu::linear_add(xt.retaped::<Tp>(), &w, bo, rt.retaped::<Tp>()).unwrap()
+                }
+            };
+            let out = y.as_vec();
+            // r also feeds the second term: its gradient accumulates
+            let g = loss(y, rt).backward();
+            let mut grads = vec![g.get(&x).as_vec(), g.get(&r).as_vec(), g.get(&w).as_vec()];
+            if bias {
+                grads.push(g.get(&b).as_vec());
+            }
+            Res { out, grads }
+        });
+    }
+}
+
+#[test]
 fn silu_and_gate_match_composed() {
     same("silu", |imp| {
         let x: X<7> = seq(4);

@@ -3,6 +3,7 @@
 //! rayon when a product is large enough to pay for it).
 
 use super::{Engine, EngineState, Lin, NormStats, Want, Q8};
+use crate::ops::simd::simd_dispatch;
 
 /// Products with at least this many multiply-adds run on rayon's threads (below it, measured on
 /// 2 cores with `bench_stream`, the thread hand-offs cost more than they save).
@@ -10,29 +11,6 @@ const PARALLEL_MACS: usize = 1 << 20;
 
 /// Rows of an int8 matrix dequantised at a time for a multi-row (prefill) product.
 pub(crate) const DEQ_ROWS: usize = 64;
-
-/// Defines `fn $name(args)` that runs `$generic(args)` compiled for AVX2 + FMA when the CPU has
-/// them (detected at run time) and as plain code otherwise.
-macro_rules! simd_dispatch {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $generic($($arg),*)
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                    unsafe { avx2($($arg),*) };
-                    return;
-                }
-            }
-            $generic($($arg),*)
-        }
-    };
-}
 
 /// Dot product with 32 independent lanes (vectorised by the compiler).
 #[inline(always)]

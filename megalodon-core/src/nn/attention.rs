@@ -143,7 +143,8 @@ impl<
         )?;
         let a = profile::leave(OpClass::Copies, a.reshape_like(&(b, t, Const::<V>)));
         Probe::put(probe, "A", &a);
-        let y = x + self.wh1.forward(mx)? + self.wh2.forward(D::silu_gate(rg, a)?)?;
+        let y = self.wh1.forward_add(mx, x)?;
+        let y = self.wh2.forward_add(D::silu_gate(rg, a)?, y)?;
         let y = profile::leave(OpClass::Elementwise, y);
         Probe::put(probe, "Y", &y);
         Ok((y, kv))

@@ -52,6 +52,20 @@ impl<const I: usize, const O: usize, E: Float, D: Device<E>> Linear<I, O, E, D> 
         let y = D::linear(x, &self.weight, self.bias.as_ref())?;
         Ok(profile::leave(OpClass::MatMul, y))
     }
+
+    /// `x W^T + b + r`: the layer with a residual `r (B, T, O)` added in the same pass.
+    pub fn forward_add<T: Tape<E, D>>(
+        &self,
+        x: Seq<I, E, D, T>,
+        r: Seq<O, E, D, T>,
+    ) -> Result<Seq<O, E, D, T>>
+    where
+        D: MegaDevice<E>,
+    {
+        let x = profile::enter(OpClass::MatMul, x);
+        let y = D::linear_add(x, &self.weight, self.bias.as_ref(), r)?;
+        Ok(profile::leave(OpClass::MatMul, y))
+    }
 }
 
 impl<const I: usize, const O: usize, E: Float, D: Device<E>> Params<E, D> for Linear<I, O, E, D> {

@@ -64,15 +64,15 @@ impl<const M: usize, const F: usize, E: Float, D: Device<E>> NormalizedFfn<M, F,
             None => silu(self.fc1.forward(yn)?)?,
         };
         Probe::put(probe, "U", &u);
-        let o = self.fc2.forward(u)?;
-        let o = match &self.alpha {
+        let out = match &self.alpha {
             Some(a) => {
+                let o = self.fc2.forward(u)?;
                 let s = *o.shape();
-                o * a.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&s)
+                x + o * a.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&s)
             }
-            None => o,
+            None => self.fc2.forward_add(u, x)?,
         };
-        Ok(profile::leave(OpClass::Elementwise, x + o))
+        Ok(profile::leave(OpClass::Elementwise, out))
     }
 }
 

@@ -18,6 +18,7 @@
 
 use super::block_attention::{BlockMask, Blocks};
 use super::host::mm;
+use super::simd::exp_in_place;
 use crate::util::Float;
 use anyhow::{anyhow, ensure, Result};
 use dfdx::prelude::*;
@@ -249,11 +250,9 @@ fn forward<E: Float>(
                         lb[i] = ninf;
                         continue;
                     }
-                    let mut sum = E::zero();
-                    for x in row.iter_mut() {
-                        *x = (*x - m).exp();
-                        sum += *x;
-                    }
+                    row.iter_mut().for_each(|x| *x = *x - m);
+                    exp_in_place(row);
+                    let sum = row.iter().fold(E::zero(), |s, &x| s + x);
                     let inv = sum.recip();
                     row.iter_mut().for_each(|x| *x *= inv);
                     lb[i] = m + sum.ln();
@@ -352,15 +351,19 @@ fn backward<E: Float>(
                         continue;
                     }
                     // D_i = dO_i . O_i = sum_j P_ij dP_ij
-                    let mut di = E::zero();
-                    for (j, (x, g)) in prow.iter_mut().zip(dsrow.iter()).enumerate() {
-                        if j < lim[ii] && mask.allows(b, i, j) {
-                            *x = (*x - l).exp();
-                            di += *x * *g;
+                    for (j, x) in prow.iter_mut().enumerate() {
+                        // masked entries become e^-inf = 0
+                        *x = if j < lim[ii] && mask.allows(b, i, j) {
+                            *x - l
                         } else {
-                            *x = E::zero();
-                        }
+                            ninf
+                        };
                     }
+                    exp_in_place(prow);
+                    let di = prow
+                        .iter()
+                        .zip(dsrow.iter())
+                        .fold(E::zero(), |s, (x, g)| s + *x * *g);
                     for (x, g) in prow.iter().zip(dsrow.iter_mut()) {
                         *g = *x * (*g - di);
                     }

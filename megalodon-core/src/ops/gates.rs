@@ -22,6 +22,22 @@ pub fn composed_linear<const I: usize, const O: usize, E: Float, D: Device<E>, T
     }
 }
 
+/// `x W^T + b + r`: the linear layer plus a residual.
+pub fn composed_linear_add<
+    const I: usize,
+    const O: usize,
+    E: Float,
+    D: Device<E>,
+    T: Tape<E, D>,
+>(
+    x: Seq<I, E, D, T>,
+    w: &Tensor<Rank2<O, I>, E, D>,
+    b: Option<&Tensor<Rank1<O>, E, D>>,
+    r: Seq<O, E, D, T>,
+) -> Seq<O, E, D, T> {
+    r + composed_linear(x, w, b)
+}
+
 /// `silu(x) = x * sigmoid(x)`.
 pub fn composed_silu<S: Shape, E: Float, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,

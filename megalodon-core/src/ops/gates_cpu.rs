@@ -6,6 +6,7 @@
 
 use super::host::{input, mm, output, par_rows, par_rows_sum, restore_grad, take_grad, GRAIN};
 use super::rope::Rope;
+use super::simd::sigmoid;
 use crate::util::{c, Float, Heads, Seq};
 use anyhow::Result;
 use dfdx::prelude::*;
@@ -26,17 +27,63 @@ where
     Cpu: Device<E>,
     <Cpu as Storage<E>>::Vec: std::ops::DerefMut<Target = Vec<E>>,
 {
+    linear_impl(x, w, b, None)
+}
+
+/// `x W^T + b + r`: the linear layer with a residual added in the same pass (the product
+/// accumulates onto `r`; `r`'s gradient is the output's).
+pub fn linear_add<const I: usize, const O: usize, E: Float, T: Tape<E, Cpu>>(
+    x: Seq<I, E, Cpu, T>,
+    w: &Tensor<Rank2<O, I>, E, Cpu>,
+    b: Option<&Tensor<Rank1<O>, E, Cpu>>,
+    r: Seq<O, E, Cpu, T>,
+) -> Result<Seq<O, E, Cpu, T>>
+where
+    Cpu: Device<E>,
+    <Cpu as Storage<E>>::Vec: std::ops::DerefMut<Target = Vec<E>>,
+{
+    linear_impl(x, w, b, Some(r))
+}
+
+fn linear_impl<const I: usize, const O: usize, E: Float, T: Tape<E, Cpu>>(
+    x: Seq<I, E, Cpu, T>,
+    w: &Tensor<Rank2<O, I>, E, Cpu>,
+    b: Option<&Tensor<Rank1<O>, E, Cpu>>,
+    r: Option<Seq<O, E, Cpu, T>>,
+) -> Result<Seq<O, E, Cpu, T>>
+where
+    Cpu: Device<E>,
+    <Cpu as Storage<E>>::Vec: std::ops::DerefMut<Target = Vec<E>>,
+{
     const WHAT: &str = "linear";
     let (bs, t, _) = *x.shape();
+    if let Some(r) = &r {
+        anyhow::ensure!(
+            r.shape().0 == bs && r.shape().1 == t,
+            "{WHAT}: residual {:?} for input {:?}",
+            r.shape(),
+            x.shape()
+        );
+    }
     let rows = bs * t;
     let dev = x.device().clone();
     let (xv, xt, mut tape) = input(x, WHAT)?;
     let wv = w.as_vec();
     let bv = b.map(|b| b.as_vec());
-    let mut y = vec![E::zero(); rows * O];
+    // the output starts as the residual (its host copy) or zeros, plus the bias
+    let (mut y, rt) = match r {
+        Some(r) => {
+            let (rv, rt, tr) = input(r, WHAT)?;
+            tape = tape.merge(tr);
+            (rv, Some(rt))
+        }
+        None => (vec![E::zero(); rows * O], None),
+    };
+    let accumulate = bv.is_some() || rt.is_some();
     if let Some(bv) = &bv {
         par_rows(&mut y, O, |_, ys| {
-            ys.chunks_mut(O).for_each(|r| r.copy_from_slice(bv))
+            ys.chunks_mut(O)
+                .for_each(|row| super::host::add_into(row, bv))
         });
     }
     // SAFETY: y (rows x O), x (rows x I), W^T read from W (O x I) with strides (1, I); all
@@ -45,7 +92,7 @@ where
         mm(
             (rows, O, I),
             (y.as_mut_ptr(), O, 1),
-            bv.is_some(),
+            accumulate,
             (xv.as_ptr(), I, 1),
             (wv.as_ptr(), 1, I),
             par(),
@@ -55,6 +102,7 @@ where
     if T::OWNS_TAPE {
         let (xg, wg, og) = (xt.ghost(), w.ghost(), out.ghost());
         let bg = b.map(|b| b.ghost());
+        let rg = rt.map(|r| r.ghost());
         drop(xt);
         tape.add_backward_op(move |grads| {
             let dy = take_grad!(grads, og, rows * O);
@@ -82,6 +130,14 @@ where
             }
             restore_grad!(grads, xg, dx);
             restore_grad!(grads, wg, dw);
+            if let Some(rg) = rg {
+                let mut dr = take_grad!(grads, rg, rows * O);
+                let dyv = &dy.0;
+                par_rows(&mut dr.0, O, |r0, drs| {
+                    super::host::add_into(drs, &dyv[r0 * O..r0 * O + drs.len()])
+                });
+                restore_grad!(grads, rg, dr);
+            }
             if let Some(bg) = bg {
                 let mut db = take_grad!(grads, bg, O);
                 let sums =
@@ -112,11 +168,6 @@ where
     Ok(out.put_tape(tape))
 }
 
-#[inline]
-fn sigmoid<E: Float>(x: E) -> E {
-    E::one() / (E::one() + (-x).exp())
-}
-
 /// `silu(x) = x sigmoid(x)`.
 pub fn silu<S: Shape, E: Float, T: Tape<E, Cpu>>(
     x: Tensor<S, E, Cpu, T>,
@@ -132,8 +183,10 @@ where
     let n = xv.len();
     let mut y = vec![E::zero(); n];
     par_rows(&mut y, 1, |r0, ys| {
-        for (yi, &xi) in ys.iter_mut().zip(&xv[r0..]) {
-            *yi = xi * sigmoid(xi);
+        let xs = &xv[r0..r0 + ys.len()];
+        sigmoid(xs, ys);
+        for (yi, &xi) in ys.iter_mut().zip(xs) {
+            *yi *= xi;
         }
     });
     let out = output(&dev, y, shape, WHAT)?;
@@ -145,9 +198,11 @@ where
             let mut dx = take_grad!(grads, xg, n);
             let dyv = &dy.0;
             par_rows(&mut dx.0, 1, |r0, dxs| {
-                for ((d, &xi), &g) in dxs.iter_mut().zip(&xv[r0..]).zip(&dyv[r0..]) {
-                    let s = sigmoid(xi);
-                    *d += g * s * (E::one() + xi * (E::one() - s));
+                let xs = &xv[r0..r0 + dxs.len()];
+                let mut s = vec![E::zero(); xs.len()];
+                sigmoid(xs, &mut s);
+                for (((d, &xi), &g), &si) in dxs.iter_mut().zip(xs).zip(&dyv[r0..]).zip(&s) {
+                    *d += g * si * (E::one() + xi * (E::one() - si));
                 }
             });
             restore_grad!(grads, xg, dx);
@@ -182,8 +237,10 @@ where
     let n = gv.len();
     let mut y = vec![E::zero(); n];
     par_rows(&mut y, 1, |r0, ys| {
-        for ((yi, &gi), &ai) in ys.iter_mut().zip(&gv[r0..]).zip(&av[r0..]) {
-            *yi = ai * gi * sigmoid(gi);
+        let gs = &gv[r0..r0 + ys.len()];
+        sigmoid(gs, ys);
+        for ((yi, &gi), &ai) in ys.iter_mut().zip(gs).zip(&av[r0..]) {
+            *yi *= ai * gi;
         }
     });
     let out = output(&dev, y, shape, WHAT)?;
@@ -200,9 +257,11 @@ where
                 .enumerate()
                 .for_each(|(i, (dgs, das))| {
                     let r0 = i * GRAIN;
+                    let mut sg = vec![E::zero(); dgs.len()];
+                    sigmoid(&gv[r0..r0 + dgs.len()], &mut sg);
                     for (j, (dgi, dai)) in dgs.iter_mut().zip(das.iter_mut()).enumerate() {
                         let (gi, ai, d) = (gv[r0 + j], av[r0 + j], dyv[r0 + j]);
-                        let s = sigmoid(gi);
+                        let s = sg[j];
                         *dai += d * gi * s;
                         *dgi += d * ai * s * (E::one() + gi * (E::one() - s));
                     }

@@ -14,4 +14,5 @@ pub mod norms;
 pub mod norms_cpu;
 pub mod rope;
 pub mod scan;
+pub mod simd;
 pub mod timestep_norm;
