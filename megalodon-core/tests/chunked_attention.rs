@@ -8,7 +8,6 @@ use megalodon_core::nn::chunked_attention::{chunked_attention, Masking};
 use megalodon_core::nn::rope::Rope;
 use rand::{Rng, SeedableRng};
 
-const H: usize = 2;
 const DZ: usize = 4;
 const DV: usize = 3;
 
@@ -25,7 +24,7 @@ fn rotate(x: &[f64], pos: usize, rope: &Rope) -> Vec<f64> {
 
 /// Output `(B, T, H, DV)` at the real steps; `None` elsewhere.
 #[allow(clippy::too_many_arguments)]
-fn naive(
+fn naive<const H: usize>(
     q: &[f64],
     k: &[f64],
     v: &[f64],
@@ -74,7 +73,13 @@ fn naive(
     out
 }
 
-fn check(b: usize, t: usize, chunk: usize, causal: bool, lengths: Option<&[usize]>) {
+fn check<const H: usize>(
+    b: usize,
+    t: usize,
+    chunk: usize,
+    causal: bool,
+    lengths: Option<&[usize]>,
+) {
     let dev: Cpu = Default::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64((b * 100 + t) as u64);
     let mut r = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.gen_range(-1.5..1.5)).collect() };
@@ -90,7 +95,7 @@ fn check(b: usize, t: usize, chunk: usize, causal: bool, lengths: Option<&[usize
     let rope = Rope::new(DZ, 10000.0);
     let (a, _) = chunked_attention(q, k, v, None, chunk, &rope, masking).unwrap();
     let got = a.as_vec();
-    let want = naive(&qv, &kv, &vv, b, t, chunk, causal, lengths);
+    let want = naive::<H>(&qv, &kv, &vv, b, t, chunk, causal, lengths);
     let (g, w): (Vec<f64>, Vec<f64>) = got
         .iter()
         .zip(&want)
@@ -107,18 +112,26 @@ fn check(b: usize, t: usize, chunk: usize, causal: bool, lengths: Option<&[usize
 
 #[test]
 fn full_attention_with_a_partial_last_chunk() {
-    check(2, 13, 8, false, None);
+    check::<2>(2, 13, 8, false, None);
 }
 
 #[test]
 fn full_attention_with_row_lengths() {
-    check(2, 20, 8, false, Some(&[13, 20]));
-    check(3, 5, 8, false, Some(&[3, 5, 1])); // one partial chunk only
-    check(2, 24, 8, false, Some(&[16, 9])); // a chunk with no real key at all
+    check::<2>(2, 20, 8, false, Some(&[13, 20]));
+    check::<2>(3, 5, 8, false, Some(&[3, 5, 1])); // one partial chunk only
+    check::<2>(2, 24, 8, false, Some(&[16, 9])); // a chunk with no real key at all
 }
 
 #[test]
 fn causal_attention_with_a_partial_last_chunk() {
-    check(2, 13, 8, true, None);
-    check(1, 24, 8, true, None);
+    check::<2>(2, 13, 8, true, None);
+    check::<2>(1, 24, 8, true, None);
+}
+
+/// One head takes reshapes instead of permutes around the attention kernel.
+#[test]
+fn one_head_causal_and_full() {
+    check::<1>(2, 24, 8, true, None); // whole chunks from the start: no output slice
+    check::<1>(2, 13, 8, true, None);
+    check::<1>(2, 20, 8, false, Some(&[13, 20]));
 }

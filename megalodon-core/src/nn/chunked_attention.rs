@@ -31,6 +31,31 @@ fn pad_time<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
     x
 }
 
+/// `(B, L, H, d) -> (B, H, L, d)`: a permute, or with one head a reshape (the same memory
+/// order, so no copy; dfdx would copy the permuted view, whose size-1 axis has another stride).
+fn heads_first<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
+    x: Heads<H, E, D, T>,
+) -> Tensor<(usize, Const<H>, usize, usize), E, D, T> {
+    if H == 1 {
+        let (b, l, _, d) = *x.shape();
+        x.reshape_like(&(b, Const::<H>, l, d))
+    } else {
+        x.permute::<_, Axes4<0, 2, 1, 3>>()
+    }
+}
+
+/// `(B, H, L, d) -> (B, L, H, d)`, the inverse of [`heads_first`].
+fn time_first<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, D>>(
+    x: Tensor<(usize, Const<H>, usize, usize), E, D, T>,
+) -> Heads<H, E, D, T> {
+    if H == 1 {
+        let (b, _, l, d) = *x.shape();
+        x.reshape_like(&(b, l, Const::<H>, d))
+    } else {
+        x.permute::<_, Axes4<0, 2, 1, 3>>()
+    }
+}
+
 /// Which keys a query may see inside its chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Masking<'a> {
@@ -137,12 +162,12 @@ pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, 
             causal_offset: (masking == Masking::Causal).then_some(cl),
             valid_keys: lengths.map(|lens| lens.iter().map(|&n| n.min(l)).collect()),
         };
-        let qh = qr.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, T, dz)
-        let kh = k_all.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, L, dz)
-        let vh = v_all.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, H, L, dv)
+        let qh = heads_first(qr); // (B, H, T, dz)
+        let kh = heads_first(k_all); // (B, H, L, dz)
+        let vh = heads_first(v_all); // (B, H, L, dv)
         let qh = profile::enter(OpClass::Attention, qh);
         let a = D::block_attention(qh, kh, vh, &mask)?;
-        let a = profile::leave(OpClass::Attention, a).permute::<_, Axes4<0, 2, 1, 3>>(); // (B, T, H, dv)
+        let a = time_first(profile::leave(OpClass::Attention, a)); // (B, T, H, dv)
         return Ok((a.reshape_like(&(b, t, Const::<H>, dv)), new_cache));
     }
 
@@ -173,21 +198,17 @@ pub fn chunked_attention<const H: usize, E: Float, D: MegaDevice<E>, T: Tape<E, 
             valid_keys,
         },
     };
-    let q4 = q_all
-        .reshape_like(&(bn, chunk, Const::<H>, dz))
-        .permute::<_, Axes4<0, 2, 1, 3>>();
-    let k4 = k_all
-        .reshape_like(&(bn, chunk, Const::<H>, dz))
-        .permute::<_, Axes4<0, 2, 1, 3>>();
-    let v4 = v_all
-        .reshape_like(&(bn, chunk, Const::<H>, dv))
-        .permute::<_, Axes4<0, 2, 1, 3>>();
+    let q4 = heads_first(q_all.reshape_like(&(bn, chunk, Const::<H>, dz)));
+    let k4 = heads_first(k_all.reshape_like(&(bn, chunk, Const::<H>, dz)));
+    let v4 = heads_first(v_all.reshape_like(&(bn, chunk, Const::<H>, dv)));
     let q4 = profile::enter(OpClass::Attention, q4);
     let a = D::block_attention(q4, k4, v4, &mask)?; // (B*nc, H, C, dv)
     let a = profile::leave(OpClass::Attention, a);
-    let a = a
-        .permute::<_, Axes4<0, 2, 1, 3>>()
-        .reshape_like(&(b, lp, Const::<H>, dv));
+    let a = time_first(a).reshape_like(&(b, lp, Const::<H>, dv));
+    if cl == 0 && lp == t {
+        // whole chunks from the start of the stream: every row is an output
+        return Ok((a, new_cache));
+    }
     let a = a
         .slice((.., cl..cl + t, .., ..))
         .reshape_like(&(b, t, Const::<H>, dv));

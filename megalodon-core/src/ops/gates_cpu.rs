@@ -1,10 +1,12 @@
 //! Fused CPU kernels for the per-position ops ([`super::gates`] has their composed references):
 //! the linear layer with its bias, SiLU, the SiLU gate, the per-head normalised Q/K affine and
 //! the chunk-restarting RoPE. Each reads its inputs once, runs on rayon in row blocks, and records
-//! one hand-written backward op (`docs/design.md` §14). dfdx runs each elementwise op single
+//! one hand-written backward op (`docs/design.md` §15). dfdx runs each elementwise op single
 //! threaded and allocates every intermediate and its gradient; these do one pass each way.
 
-use super::host::{input, mm, output, par_rows, par_rows_sum, restore_grad, take_grad, GRAIN};
+use super::host::{
+    input, mm, output, par_rows, par_rows_sum, recycle, restore_grad, scratch, take_grad, GRAIN,
+};
 use super::rope::Rope;
 use super::simd::sigmoid;
 use crate::util::{c, Float, Heads, Seq};
@@ -77,7 +79,7 @@ where
             tape = tape.merge(tr);
             (rv, Some(rt))
         }
-        None => (vec![E::zero(); rows * O], None),
+        None => (scratch(rows * O), None),
     };
     let accumulate = bv.is_some() || rt.is_some();
     if let Some(bv) = &bv {
@@ -162,6 +164,7 @@ where
                 restore_grad!(grads, bg, db);
             }
             restore_grad!(grads, og, dy);
+            recycle(xv);
             Ok(())
         });
     }
@@ -181,7 +184,7 @@ where
     let dev = x.device().clone();
     let (xv, xt, mut tape) = input(x, WHAT)?;
     let n = xv.len();
-    let mut y = vec![E::zero(); n];
+    let mut y = scratch(n);
     par_rows(&mut y, 1, |r0, ys| {
         let xs = &xv[r0..r0 + ys.len()];
         sigmoid(xs, ys);
@@ -207,6 +210,7 @@ where
             });
             restore_grad!(grads, xg, dx);
             restore_grad!(grads, og, dy);
+            recycle(xv);
             Ok(())
         });
     }
@@ -235,7 +239,7 @@ where
     let (av, at, ta) = input(a, WHAT)?;
     let mut tape = tg.merge(ta);
     let n = gv.len();
-    let mut y = vec![E::zero(); n];
+    let mut y = scratch(n);
     par_rows(&mut y, 1, |r0, ys| {
         let gs = &gv[r0..r0 + ys.len()];
         sigmoid(gs, ys);
@@ -269,6 +273,8 @@ where
             restore_grad!(grads, gg, dg);
             restore_grad!(grads, ag, da);
             restore_grad!(grads, og, dy);
+            recycle(gv);
+            recycle(av);
             Ok(())
         });
     }
@@ -299,7 +305,7 @@ where
     // per-feature factors (1 + gamma_i) / sqrt(dz)
     let f: Vec<E> = gv.iter().map(|&g| (g + E::one()) * c::<E>(scale)).collect();
     // normalised Z (kept for backward) and the per-(row, head) inverse RMS
-    let mut zn = vec![E::zero(); rows * ZW];
+    let mut zn = scratch(rows * ZW);
     let mut rinv = vec![E::zero(); rows * H];
     zn.par_chunks_mut(GRAIN.div_ceil(ZW) * ZW)
         .zip(rinv.par_chunks_mut(GRAIN.div_ceil(ZW) * H))
@@ -319,9 +325,9 @@ where
                 }
             }
         });
-    drop(zv);
-    let mut q = vec![E::zero(); rows * ZW];
-    let mut k = vec![E::zero(); rows * ZW];
+    recycle(zv);
+    let mut q = scratch(rows * ZW);
+    let mut k = scratch(rows * ZW);
     q.par_chunks_mut(GRAIN.div_ceil(ZW) * ZW)
         .zip(k.par_chunks_mut(GRAIN.div_ceil(ZW) * ZW))
         .enumerate()
@@ -390,6 +396,7 @@ where
             restore_grad!(grads, zg, dzb);
             restore_grad!(grads, gg, dgam);
             restore_grad!(grads, bg, dbet);
+            recycle(zn);
             Ok(())
         });
     }
@@ -443,9 +450,9 @@ where
             }
         }
     };
-    let mut y = vec![E::zero(); bs * t * row];
+    let mut y = scratch(bs * t * row);
     par_rows(&mut y, row, |r0, ys| rotate(&xv, ys, r0, E::one()));
-    drop(xv);
+    recycle(xv);
     let out = output(&dev, y, shape, WHAT)?;
     if T::OWNS_TAPE {
         let (xg, og) = (xt.ghost(), out.ghost());

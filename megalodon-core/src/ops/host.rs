@@ -10,6 +10,50 @@ use crate::util::Float;
 use anyhow::{anyhow, Result};
 use dfdx::prelude::*;
 use rayon::prelude::*;
+use std::any::Any;
+use std::sync::Mutex;
+
+/// Most bytes the scratch pool keeps between uses.
+const POOL_BYTES: usize = 1 << 30;
+
+/// Host buffers the kernels are done with, kept for the next call of the same size: a fresh
+/// allocation of tens of MB is a fresh `mmap` whose pages fault in one by one (and are unmapped
+/// again on free), which made the kernels' cost per token grow with the sequence length. Holds
+/// at most [`POOL_BYTES`]; a buffer is reused for a request of at least half its capacity.
+static POOL: Mutex<Vec<(usize, Box<dyn Any + Send>)>> = Mutex::new(Vec::new());
+
+/// A zero-filled host buffer of `n` elements, from the pool when it has one that fits.
+pub(crate) fn scratch<E: Float + Send>(n: usize) -> Vec<E> {
+    let found = {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = pool.iter().position(|(_, b)| {
+            b.downcast_ref::<Vec<E>>()
+                .is_some_and(|v| v.capacity() >= n && v.capacity() / 2 <= n)
+        });
+        hit.map(|i| pool.swap_remove(i).1)
+    };
+    match found.and_then(|b| b.downcast::<Vec<E>>().ok()) {
+        Some(mut v) => {
+            v.clear();
+            v.resize(n, E::zero());
+            *v
+        }
+        None => vec![E::zero(); n],
+    }
+}
+
+/// Gives a buffer back to the pool (dropped instead when the pool is full).
+pub(crate) fn recycle<E: Float + Send>(v: Vec<E>) {
+    let bytes = v.capacity() * std::mem::size_of::<E>();
+    if bytes == 0 {
+        return;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let held: usize = pool.iter().map(|(b, _)| b).sum();
+    if held + bytes <= POOL_BYTES {
+        pool.push((bytes, Box::new(v)));
+    }
+}
 
 /// Elements per rayon task in the row loops (below this, one thread does the whole call).
 pub(crate) const GRAIN: usize = 16 * 1024;
@@ -28,7 +72,7 @@ where
     let x = x
         .try_contiguous()
         .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))?;
-    let mut data = vec![E::zero(); x.shape().num_elements()];
+    let mut data = scratch(x.shape().num_elements());
     // a contiguous tensor's storage holds exactly its elements, in logical order
     x.copy_into(&mut data);
     let (x, tape) = x.split_tape();
@@ -52,6 +96,7 @@ where
         .try_zeros_like(&shape)
         .map_err(|e| anyhow!("{what}: output allocation failed: {e:?}"))?;
     t.copy_from(&data);
+    recycle(data);
     Ok(t)
 }
 

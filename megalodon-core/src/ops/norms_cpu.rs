@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the norms (composed references: [`super::norms`] and
 //! [`super::timestep_norm`]): RMSNorm, LayerNorm and TimestepNorm, each one pass forward and one
-//! hand-written pass backward, in row blocks on rayon (`docs/design.md` §14).
+//! hand-written pass backward, in row blocks on rayon (`docs/design.md` §15).
 //!
 //! TimestepNorm backward, per batch row and group (`n_t` steps seen at step t, `r_t =
 //! 1/sqrt(V_t + eps)`, `dn = dy (1 + w)`): `A_t = sum_i dn_i (x_i - M_t)`, `B_t = sum_i dn_i`,
@@ -9,7 +9,9 @@
 //! `dx_i = dn_i r_t + (sum_{u>=t} gS1_u) / gs + 2 x_i (sum_{u>=t} gS2_u) / gs` (group size gs).
 //! The statistics and their sums are carried in f64.
 
-use super::host::{input, output, par_rows, par_rows_sum, restore_grad, take_grad};
+use super::host::{
+    input, output, par_rows, par_rows_sum, recycle, restore_grad, scratch, take_grad,
+};
 use super::timestep_norm::NormState;
 use crate::util::{c, Float, Seq};
 use anyhow::{ensure, Result};
@@ -93,7 +95,7 @@ where
             }
         });
     }
-    let mut y = vec![E::zero(); rows * K];
+    let mut y = scratch(rows * K);
     par_rows(&mut y, K, |r0, ys| {
         for (j, row) in ys.chunks_mut(K).enumerate() {
             let src = &xh[(r0 + j) * K..(r0 + j + 1) * K];
@@ -152,6 +154,7 @@ where
                 restore_grad!(grads, bg, db);
             }
             restore_grad!(grads, og, dy);
+            recycle(xh);
             Ok(())
         });
     }
@@ -206,7 +209,7 @@ where
     let rows = b * t;
 
     // pass 1, rows in parallel: per-step group moments, stored as (row, group)
-    let mut mom = vec![0.0f64; rows * 2 * G];
+    let mut mom = scratch::<f64>(rows * 2 * G);
     par_rows(&mut mom, 2 * G, |r0, ms| {
         for (j, m) in ms.chunks_mut(2 * G).enumerate() {
             let row = &xv[(r0 + j) * M..(r0 + j + 1) * M];
@@ -255,7 +258,7 @@ where
     let w1: Vec<E> = weight.as_vec().into_iter().map(|v| v + E::one()).collect();
     let bv = bias.as_vec();
     // pass 3, rows in parallel: the output
-    let mut y = vec![E::zero(); rows * M];
+    let mut y = scratch(rows * M);
     par_rows(&mut y, M, |r0, ys| {
         for (j, yr) in ys.chunks_mut(M).enumerate() {
             let o = (r0 + j) * M;
@@ -281,7 +284,7 @@ where
             let dy = take_grad!(grads, og, rows * M);
             let dyv = &dy.0;
             // pass A, rows in parallel: gS1_t, gS2_t per (row, group) and [dw | db]
-            let mut gs12 = vec![0.0f64; rows * 2 * G];
+            let mut gs12 = scratch::<f64>(rows * 2 * G);
             let sums = par_rows_sum(
                 &mut gs12,
                 2 * G,
@@ -351,6 +354,9 @@ where
             super::host::add_into(&mut db.0, &sums[M..]);
             restore_grad!(grads, bg, db);
             restore_grad!(grads, og, dy);
+            recycle(gs12);
+            recycle(stats);
+            recycle(xv);
             Ok(())
         });
     }

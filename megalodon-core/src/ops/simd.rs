@@ -1,5 +1,5 @@
 //! Vectorised exponentials for the CPU kernels, and the run-time AVX2 dispatch they share with
-//! the streaming engine (`docs/design.md` §14).
+//! the streaming engine (`docs/design.md` §15).
 //!
 //! `f32::exp` is a call into libm per element, which dominated the SiLU gates and the softmax
 //! once everything around them was fused. Here `exp` is written branch-free on plain `f32`
