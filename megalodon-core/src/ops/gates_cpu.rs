@@ -70,7 +70,7 @@ where
     let rows = bs * t;
     let dev = x.device().clone();
     let (xv, xt, mut tape) = input(x, WHAT)?;
-    let wv = w.as_vec();
+    let wv = super::host::param(w, WHAT)?;
     let bv = b.map(|b| b.as_vec());
     // the output starts as the residual (its host copy) or zeros, plus the bias
     let (mut y, rt) = match r {
@@ -165,6 +165,7 @@ where
             }
             restore_grad!(grads, og, dy);
             recycle(xv);
+            recycle(wv);
             Ok(())
         });
     }

@@ -79,6 +79,20 @@ where
     Ok((data, x, tape))
 }
 
+/// A parameter's values on the host (a `memcpy`; `as_vec` walks the strides element by element).
+pub(crate) fn param<S: Shape, E: Float + Send>(p: &Tensor<S, E, Cpu>, what: &str) -> Result<Vec<E>>
+where
+    Cpu: Device<E>,
+{
+    let p = p
+        .clone()
+        .try_contiguous()
+        .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))?;
+    let mut data = scratch(p.shape().num_elements());
+    p.copy_into(&mut data);
+    Ok(data)
+}
+
 /// A tensor of `shape` holding `data`. The tensor's storage is allocated by dfdx and the data
 /// copied in, rather than the vector being adopted: with dfdx's allocation cache on, every
 /// tensor's storage goes to that cache when dropped, and adopted vectors would pile up there
