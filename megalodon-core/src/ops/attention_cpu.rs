@@ -250,7 +250,7 @@ fn forward<E: Float>(
                         lb[i] = ninf;
                         continue;
                     }
-                    row.iter_mut().for_each(|x| *x = *x - m);
+                    row.iter_mut().for_each(|x| *x -= m);
                     exp_in_place(row);
                     let sum = row.iter().fold(E::zero(), |s, &x| s + x);
                     let inv = sum.recip();

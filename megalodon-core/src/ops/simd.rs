@@ -44,7 +44,7 @@ fn exp_lane(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x0 = x;
-    let x = x.max(-87.3).min(88.7);
+    let x = x.clamp(-87.3, 88.7);
     let n = (x * LOG2E + 0.5).floor();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut p = 1.987_569_1e-4f32;
@@ -52,7 +52,7 @@ fn exp_lane(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 0.5);
     let e = (p * r).mul_add(r, r) + 1.0;
     // n is in [-126, 128] here; 2^n built in two halves so that n = 128 does not overflow the
     // exponent field before the multiplication
@@ -63,7 +63,7 @@ fn exp_lane(x: f32) -> f32 {
     // below the range the true value is (almost) zero: exactly zero, so that a masked score of
     // -inf gets no weight at all
     let v = if x0 < -87.3 { 0.0 } else { e * s1 * s2 };
-    // `max`/`min` above return the other operand for NaN: put the NaN back
+    // keep NaN a NaN whatever the arithmetic above made of it
     if x0.is_nan() {
         x0
     } else {
