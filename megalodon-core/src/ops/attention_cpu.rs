@@ -17,7 +17,7 @@
 //! Rows without any visible key produce zeros and pass zero gradients.
 
 use super::block_attention::{BlockMask, Blocks};
-use super::host::mm;
+use super::host::{mm, recycle, values};
 use super::simd::exp_in_place;
 use crate::util::Float;
 use anyhow::{anyhow, ensure, Result};
@@ -90,7 +90,7 @@ where
     let mut tape = tq.merge(tk).merge(tv);
 
     // host copies in logical order; with a tape they are the only state kept for backward
-    let (qv, kv, vv) = (q.as_vec(), k.as_vec(), v.as_vec());
+    let (qv, kv, vv) = (values(&q), values(&k), values(&v));
     let (ov, lse) = forward(dims, &qv, &kv, &vv, mask);
     let dev = q.device().clone();
     let out = super::host::output(&dev, ov, (bn, Const::<H>, lq, dv), "block attention")?;
@@ -139,8 +139,15 @@ where
                 assert_eq!(buf.len(), b.len(), "block attention: input gradient length");
                 buf.iter_mut().zip(b).for_each(|(x, y)| *x += y);
             }
+            for v in [qv, kv, vv] {
+                recycle(v);
+            }
             Ok(())
         });
+    } else {
+        for v in [qv, kv, vv] {
+            recycle(v);
+        }
     }
     Ok(out.put_tape(tape))
 }

@@ -79,6 +79,16 @@ where
     Ok((data, x, tape))
 }
 
+/// The values of a contiguous tensor (fresh from `try_contiguous`) on the host, by `memcpy`.
+pub(crate) fn values<S: Shape, E: Float + Send, T>(x: &Tensor<S, E, Cpu, T>) -> Vec<E>
+where
+    Cpu: Device<E>,
+{
+    let mut data = scratch(x.shape().num_elements());
+    x.copy_into(&mut data);
+    data
+}
+
 /// A parameter's values on the host (a `memcpy`; `as_vec` walks the strides element by element).
 pub(crate) fn param<S: Shape, E: Float + Send>(p: &Tensor<S, E, Cpu>, what: &str) -> Result<Vec<E>>
 where
