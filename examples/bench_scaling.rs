@@ -72,6 +72,10 @@ struct Args {
     /// (`Backbone::recompute`): less peak memory for one more forward pass per layer.
     #[arg(long)]
     recompute: bool,
+    /// Run with dfdx's allocation cache off (the training loop turns it on): every step's
+    /// buffers are then fresh allocations, as in a plain dfdx program.
+    #[arg(long)]
+    no_cache: bool,
     /// Instead of the table: one step of the Megalodon preset at the first length (after a
     /// warm-up step), with the time split per op class (matrix products, CEMA, attention, norms,
     /// elementwise, copies around attention; the rest is the embedding, head, loss and tape).
@@ -285,7 +289,9 @@ fn run_child_on<D: MegaDevice<f32> + Cache + Synchronize + DeviceBuildExt>(
     dev: D,
     device_mem: impl Fn(&D) -> Result<Option<usize>>,
 ) -> Result<()> {
-    dev.enable_cache();
+    if !args.no_cache {
+        dev.enable_cache();
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
     let seq: Vec<usize> = (0..=t).map(|_| rng.gen_range(0..VOCAB)).collect();
     let tokens = seq[..t].to_vec();
@@ -370,6 +376,9 @@ fn spawn_child(args: &Args, model: &str, len: usize) -> Cell {
         .arg(&args.preset);
     if let Some(m) = args.warmup_max_len {
         cmd.arg("--warmup-max-len").arg(m.to_string());
+    }
+    if args.no_cache {
+        cmd.arg("--no-cache");
     }
     if args.recompute {
         cmd.arg("--recompute");
@@ -552,7 +561,9 @@ fn run_profile(args: &Args) -> Result<()> {
     );
     let t = *args.lengths.first().context("--lengths is empty")?;
     let dev: Cpu = Default::default();
-    dev.enable_cache();
+    if !args.no_cache {
+        dev.enable_cache();
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
     let seq: Vec<usize> = (0..=t).map(|_| rng.gen_range(0..VOCAB)).collect();
     let (tokens, targets): (Vec<usize>, Vec<Option<usize>>) = (

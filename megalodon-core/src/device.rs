@@ -19,7 +19,7 @@ use anyhow::Result;
 use dfdx::prelude::*;
 
 /// The device hooks of the Megalodon ops (defaults: the composed dfdx implementations).
-pub trait MegaDevice<E: Float>: Device<E> + Sized {
+pub trait MegaDevice<E: Float>: Device<E> + Cache + Sized {
     /// Causal CEMA, see [`MultiHeadComplexEma::try_forward`].
     #[allow(clippy::type_complexity)]
     fn cema<const M: usize, const N: usize, T: Tape<E, Self>>(

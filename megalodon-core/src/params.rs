@@ -83,6 +83,24 @@ pub fn param_values<E: Dtype, D: Device<E>, M: Params<E, D>>(
     Ok(v.0)
 }
 
+/// The device the model's parameters live on (`None` for a model without parameters).
+pub fn device_of<E: Dtype, D: Device<E>, M: Params<E, D>>(
+    model: &mut M,
+) -> anyhow::Result<Option<D>> {
+    struct First<D>(Option<D>);
+    impl<E: Dtype, D: Device<E>> ParamVisitor<E, D> for First<D> {
+        fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, E, D>) -> anyhow::Result<()> {
+            if self.0.is_none() {
+                self.0 = Some(t.device().clone());
+            }
+            Ok(())
+        }
+    }
+    let mut f = First(None);
+    model.visit_params("", &mut f)?;
+    Ok(f.0)
+}
+
 /// Allocates (zeroed) gradients for every parameter, so that `grads.get(&param)` never panics
 /// even for parameters a particular forward pass did not touch.
 pub fn alloc_grads<E: Dtype, D: Device<E>, M: Params<E, D>>(

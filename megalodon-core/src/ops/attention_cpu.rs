@@ -17,7 +17,7 @@
 //! Rows without any visible key produce zeros and pass zero gradients.
 
 use super::block_attention::{BlockMask, Blocks};
-use super::host::{mm, recycle, values};
+use super::host::{mm, out_buf, recycle, scratch, values};
 use super::simd::exp_in_place;
 use crate::util::Float;
 use anyhow::{anyhow, ensure, Result};
@@ -91,8 +91,9 @@ where
 
     // host copies in logical order; with a tape they are the only state kept for backward
     let (qv, kv, vv) = (values(&q), values(&k), values(&v));
-    let (ov, lse) = forward(dims, &qv, &kv, &vv, mask);
     let dev = q.device().clone();
+    let mut ov = out_buf(&dev, bn * H * lq * dv, "block attention")?;
+    let lse = forward(dims, &qv, &kv, &vv, mask, &mut ov);
     let out = super::host::output(&dev, ov, (bn, Const::<H>, lq, dv), "block attention")?;
 
     if T::OWNS_TAPE {
@@ -117,7 +118,7 @@ where
                     (b, true)
                 } else {
                     assert!(b.is_empty(), "block attention: input gradient length");
-                    (vec![E::zero(); n], false)
+                    (scratch(n), false)
                 });
             }
             let [(mut dq, oq), (mut dk, ok), (mut dvv, ov)]: [(Vec<E>, bool); 3] =
@@ -137,7 +138,8 @@ where
             for (g, b) in later {
                 let buf = grads.get_or_alloc_mut(g)?;
                 assert_eq!(buf.len(), b.len(), "block attention: input gradient length");
-                buf.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                buf.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+                recycle(b);
             }
             for v in [qv, kv, vv] {
                 recycle(v);
@@ -190,14 +192,15 @@ where
     }
 }
 
-/// Returns `(O (Bn, H, Lq, dv), logsumexp (Bn, H, Lq))`.
+/// Writes `O (Bn, H, Lq, dv)` into `o`; returns the logsumexp `(Bn, H, Lq)`.
 fn forward<E: Float>(
     d: BlockDims,
     q: &[E],
     k: &[E],
     v: &[E],
     mask: &BlockMask,
-) -> (Vec<E>, Vec<E>) {
+    o: &mut [E],
+) -> Vec<E> {
     let BlockDims {
         bn,
         h,
@@ -207,12 +210,11 @@ fn forward<E: Float>(
         dv,
     } = d;
     let nblocks = bn * h;
-    let mut o = vec![E::zero(); nblocks * lq * dv];
     let mut lse = vec![E::zero(); nblocks * lq];
     let ninf = E::neg_infinity();
     for_blocks(
         nblocks,
-        vec![(&mut o, lq * dv), (&mut lse, lq)],
+        vec![(o, lq * dv), (&mut lse, lq)],
         |blk, bufs, par| {
             let b = blk / h;
             let qb = &q[blk * lq * dz..(blk + 1) * lq * dz];
@@ -278,7 +280,7 @@ fn forward<E: Float>(
             }
         },
     );
-    (o, lse)
+    lse
 }
 
 /// Adds the gradients of one call into `dq (Bn, H, Lq, dz)`, `dk` and `dvv (Bn, H, Lk, dv)`.

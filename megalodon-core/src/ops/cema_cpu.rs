@@ -688,7 +688,7 @@ where
     let co = Coefs::<E>::new(ema);
 
     let (u, mut tape) = u.contiguous().split_tape();
-    let mut uv = vec![E::zero(); b * t * M];
+    let mut uv = super::host::scratch_any(b * t * M);
     u.copy_into(&mut uv);
     let h0 = match h0 {
         Some(h) => {
@@ -702,7 +702,7 @@ where
     let h0v = h0.as_ref().map(|(r, i)| (r.as_vec(), i.as_vec()));
 
     let save = T::OWNS_TAPE;
-    let mut yv = vec![E::zero(); b * t * M];
+    let mut yv = super::host::out_buf_with(&dev, b * t * M, "CEMA", E::host)?;
     let yp = SyncPtr(yv.as_mut_ptr());
     let fwd = {
         let (co, uv) = (&co, &uv);
@@ -716,9 +716,9 @@ where
     };
     let y = super::host::output(&dev, yv, (b, t, Const::<M>), "CEMA")?;
 
-    let state: Option<(StateT<M, N, E>, StateT<M, N, E>)> = want_state.then(|| {
-        let mut sr = vec![E::zero(); b * M * N];
-        let mut si = vec![E::zero(); b * M * N];
+    let state: Option<Result<(StateT<M, N, E>, StateT<M, N, E>)>> = want_state.then(|| {
+        let mut sr = super::host::out_buf_with(&dev, b * M * N, "CEMA state", E::host)?;
+        let mut si = super::host::out_buf_with(&dev, b * M * N, "CEMA state", E::host)?;
         for (i, f) in fwd.iter().enumerate() {
             let (bi, d0, nb) = dm.block(i);
             for dd in 0..nb {
@@ -729,11 +729,12 @@ where
                 }
             }
         }
-        (
-            dev.tensor_from_vec(sr, (b, Const, Const)),
-            dev.tensor_from_vec(si, (b, Const, Const)),
-        )
+        Ok::<_, anyhow::Error>((
+            super::host::output(&dev, sr, (b, Const, Const), "CEMA state")?,
+            super::host::output(&dev, si, (b, Const, Const), "CEMA state")?,
+        ))
     });
+    let state = state.transpose()?;
 
     if T::OWNS_TAPE {
         let yg = y.ghost();
@@ -830,8 +831,11 @@ where
                 add!(r, &dh0r);
                 add!(i, &dh0i);
             }
+            super::host::recycle(uv);
             Ok(())
         });
+    } else {
+        super::host::recycle(uv);
     }
     let y = y.put_tape(tape);
     let state = state.map(|(re, im)| CemaState {

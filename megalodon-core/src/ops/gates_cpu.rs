@@ -5,7 +5,8 @@
 //! threaded and allocates every intermediate and its gradient; these do one pass each way.
 
 use super::host::{
-    input, mm, output, par_rows, par_rows_sum, recycle, restore_grad, scratch, take_grad, GRAIN,
+    input, mm, out_buf, output, par_rows, par_rows_sum, recycle, restore_grad, scratch_any,
+    take_grad, GRAIN,
 };
 use super::rope::Rope;
 use super::simd::sigmoid;
@@ -75,11 +76,16 @@ where
     // the output starts as the residual (its host copy) or zeros, plus the bias
     let (mut y, rt) = match r {
         Some(r) => {
-            let (rv, rt, tr) = input(r, WHAT)?;
+            let r = r
+                .try_contiguous()
+                .map_err(|e| anyhow::anyhow!("{WHAT}: contiguous copy failed: {e:?}"))?;
+            let mut y = out_buf(&dev, rows * O, WHAT)?;
+            r.copy_into(&mut y);
+            let (rt, tr) = r.split_tape();
             tape = tape.merge(tr);
-            (rv, Some(rt))
+            (y, Some(rt))
         }
-        None => (scratch(rows * O), None),
+        None => (out_buf(&dev, rows * O, WHAT)?, None),
     };
     let accumulate = bv.is_some() || rt.is_some();
     if let Some(bv) = &bv {
@@ -185,7 +191,7 @@ where
     let dev = x.device().clone();
     let (xv, xt, mut tape) = input(x, WHAT)?;
     let n = xv.len();
-    let mut y = scratch(n);
+    let mut y = out_buf(&dev, n, WHAT)?;
     par_rows(&mut y, 1, |r0, ys| {
         let xs = &xv[r0..r0 + ys.len()];
         sigmoid(xs, ys);
@@ -240,7 +246,7 @@ where
     let (av, at, ta) = input(a, WHAT)?;
     let mut tape = tg.merge(ta);
     let n = gv.len();
-    let mut y = scratch(n);
+    let mut y = out_buf(&dev, n, WHAT)?;
     par_rows(&mut y, 1, |r0, ys| {
         let gs = &gv[r0..r0 + ys.len()];
         sigmoid(gs, ys);
@@ -306,7 +312,7 @@ where
     // per-feature factors (1 + gamma_i) / sqrt(dz)
     let f: Vec<E> = gv.iter().map(|&g| (g + E::one()) * c::<E>(scale)).collect();
     // normalised Z (kept for backward) and the per-(row, head) inverse RMS
-    let mut zn = scratch(rows * ZW);
+    let mut zn = scratch_any(rows * ZW);
     let mut rinv = vec![E::zero(); rows * H];
     zn.par_chunks_mut(GRAIN.div_ceil(ZW) * ZW)
         .zip(rinv.par_chunks_mut(GRAIN.div_ceil(ZW) * H))
@@ -327,8 +333,8 @@ where
             }
         });
     recycle(zv);
-    let mut q = scratch(rows * ZW);
-    let mut k = scratch(rows * ZW);
+    let mut q = out_buf(&dev, rows * ZW, WHAT)?;
+    let mut k = out_buf(&dev, rows * ZW, WHAT)?;
     q.par_chunks_mut(GRAIN.div_ceil(ZW) * ZW)
         .zip(k.par_chunks_mut(GRAIN.div_ceil(ZW) * ZW))
         .enumerate()
@@ -451,7 +457,7 @@ where
             }
         }
     };
-    let mut y = scratch(bs * t * row);
+    let mut y = out_buf(&dev, bs * t * row, WHAT)?;
     par_rows(&mut y, row, |r0, ys| rotate(&xv, ys, r0, E::one()));
     recycle(xv);
     let out = output(&dev, y, shape, WHAT)?;

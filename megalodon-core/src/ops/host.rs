@@ -11,48 +11,141 @@ use anyhow::{anyhow, Result};
 use dfdx::prelude::*;
 use rayon::prelude::*;
 use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 /// Most bytes the scratch pool keeps between uses.
 const POOL_BYTES: usize = 1 << 30;
+/// Smaller buffers are left to the allocator, whose free lists serve them without page faults.
+const POOL_MIN_BYTES: usize = 256 << 10;
 
-/// Host buffers the kernels are done with, kept for the next call of the same size: a fresh
-/// allocation of tens of MB is a fresh `mmap` whose pages fault in one by one (and are unmapped
-/// again on free), which made the kernels' cost per token grow with the sequence length. Holds
-/// at most [`POOL_BYTES`]; a buffer is reused for a request of at least half its capacity.
-static POOL: Mutex<Vec<(usize, Box<dyn Any + Send>)>> = Mutex::new(Vec::new());
+/// Host buffers the kernels are done with (their inputs' host copies, kept for backward), kept for
+/// the next request of the same length: a fresh allocation of megabytes is a fresh `mmap` whose
+/// pages fault in one by one (and are unmapped again on free), which cost ~12% of a step at 16K
+/// tokens. Exact lengths only, so that a training step, which asks for the same lengths every
+/// step, takes back what the previous step gave; at most [`POOL_BYTES`], the least recently
+/// given back dropped first, so lengths nobody asks for again cannot pile up.
+struct Pool {
+    bufs: VecDeque<(usize, Box<dyn Any + Send>)>,
+    bytes: usize,
+}
 
-/// A zero-filled host buffer of `n` elements, from the pool when it has one that fits.
-pub(crate) fn scratch<E: Float + Send>(n: usize) -> Vec<E> {
-    let found = {
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let hit = pool.iter().position(|(_, b)| {
+impl Pool {
+    const fn new() -> Self {
+        Pool {
+            bufs: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// A pooled vector of exactly `n` elements (stale contents), if the pool has one.
+    fn take<E: Float + Send>(&mut self, n: usize) -> Option<Vec<E>> {
+        let i = self.bufs.iter().rposition(|(_, b)| {
             b.downcast_ref::<Vec<E>>()
-                .is_some_and(|v| v.capacity() >= n && v.capacity() / 2 <= n)
-        });
-        hit.map(|i| pool.swap_remove(i).1)
-    };
-    match found.and_then(|b| b.downcast::<Vec<E>>().ok()) {
+                .is_some_and(|v| v.capacity() == n && v.len() == n)
+        })?;
+        let (bytes, b) = self.bufs.remove(i)?;
+        self.bytes -= bytes;
+        b.downcast::<Vec<E>>().ok().map(|v| *v)
+    }
+
+    /// Keeps `v` (small ones, and ones larger than `budget`, are dropped), dropping the least
+    /// recently given back buffers while the pool would hold more than `budget` bytes.
+    fn give<E: Float + Send>(&mut self, mut v: Vec<E>, budget: usize) {
+        let bytes = v.capacity() * std::mem::size_of::<E>();
+        if !(POOL_MIN_BYTES..=budget).contains(&bytes) {
+            return;
+        }
+        // every element stays initialised: a later `scratch_any` may hand them out as they are
+        v.resize(v.capacity(), E::zero());
+        while self.bytes + bytes > budget {
+            match self.bufs.pop_front() {
+                Some((b, _)) => self.bytes -= b,
+                None => break,
+            }
+        }
+        self.bytes += bytes;
+        self.bufs.push_back((bytes, Box::new(v)));
+    }
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool::new());
+
+fn take_pooled<E: Float + Send>(n: usize) -> Option<Vec<E>> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).take(n)
+}
+
+/// A zero-filled host buffer of `n` elements, from the pool when it has one of that length.
+pub(crate) fn scratch<E: Float + Send>(n: usize) -> Vec<E> {
+    match take_pooled(n) {
         Some(mut v) => {
-            v.clear();
-            v.resize(n, E::zero());
-            *v
+            v.fill(E::zero());
+            v
         }
         None => vec![E::zero(); n],
     }
 }
 
-/// Gives a buffer back to the pool (dropped instead when the pool is full).
+/// A host buffer of `n` elements whose contents are unspecified (stale values of an earlier
+/// use): for a caller that overwrites every element.
+pub(crate) fn scratch_any<E: Float + Send>(n: usize) -> Vec<E> {
+    take_pooled(n).unwrap_or_else(|| vec![E::zero(); n])
+}
+
+/// Gives a buffer back to the pool (small ones, and ones larger than the pool, are dropped).
 pub(crate) fn recycle<E: Float + Send>(v: Vec<E>) {
-    let bytes = v.capacity() * std::mem::size_of::<E>();
-    if bytes == 0 {
-        return;
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .give(v, POOL_BYTES);
+}
+
+/// An output buffer of a fused kernel: storage allocated by dfdx (from its allocation cache when
+/// that is on), zero-filled, which [`output`] adopts as a tensor without copying.
+///
+/// Allocating the output where dfdx would keeps its cache balanced: a tensor's storage goes to
+/// that cache when dropped, so adopting buffers allocated anywhere else would pile them up
+/// there, step after step.
+pub(crate) struct OutBuf<E>(Vec<E>);
+
+impl<E> std::ops::Deref for OutBuf<E> {
+    type Target = Vec<E>;
+    fn deref(&self) -> &Vec<E> {
+        &self.0
     }
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let held: usize = pool.iter().map(|(b, _)| b).sum();
-    if held + bytes <= POOL_BYTES {
-        pool.push((bytes, Box::new(v)));
+}
+
+impl<E> std::ops::DerefMut for OutBuf<E> {
+    fn deref_mut(&mut self) -> &mut Vec<E> {
+        &mut self.0
     }
+}
+
+/// A zeroed [`OutBuf`] of `n` elements.
+pub(crate) fn out_buf<E: Float>(dev: &Cpu, n: usize, what: &str) -> Result<OutBuf<E>>
+where
+    Cpu: Device<E>,
+    <Cpu as Storage<E>>::Vec: std::ops::DerefMut<Target = Vec<E>>,
+{
+    out_buf_with(dev, n, what, |s| &mut **s)
+}
+
+/// [`out_buf`] where the storage's vector is reached through `host`.
+pub(crate) fn out_buf_with<E: Float>(
+    dev: &Cpu,
+    n: usize,
+    what: &str,
+    host: impl FnOnce(&mut <Cpu as Storage<E>>::Vec) -> &mut Vec<E>,
+) -> Result<OutBuf<E>>
+where
+    Cpu: Device<E>,
+{
+    let mut storage = <Cpu as Storage<E>>::try_alloc_len(dev, n)
+        .map_err(|e| anyhow!("{what}: allocating {n} output elements failed: {e:?}"))?;
+    let v = std::mem::take(host(&mut storage));
+    // Dropping the now empty storage would file it in dfdx's cache as a zero-length allocation
+    // (one more entry per call); forgetting it only leaves its handle on the cache counted.
+    std::mem::forget(storage);
+    Ok(OutBuf(v))
 }
 
 /// Elements per rayon task in the row loops (below this, one thread does the whole call).
@@ -72,7 +165,7 @@ where
     let x = x
         .try_contiguous()
         .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))?;
-    let mut data = scratch(x.shape().num_elements());
+    let mut data = scratch_any(x.shape().num_elements());
     // a contiguous tensor's storage holds exactly its elements, in logical order
     x.copy_into(&mut data);
     let (x, tape) = x.split_tape();
@@ -84,7 +177,7 @@ pub(crate) fn values<S: Shape, E: Float + Send, T>(x: &Tensor<S, E, Cpu, T>) -> 
 where
     Cpu: Device<E>,
 {
-    let mut data = scratch(x.shape().num_elements());
+    let mut data = scratch_any(x.shape().num_elements());
     x.copy_into(&mut data);
     data
 }
@@ -98,30 +191,24 @@ where
         .clone()
         .try_contiguous()
         .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))?;
-    let mut data = scratch(p.shape().num_elements());
+    let mut data = scratch_any(p.shape().num_elements());
     p.copy_into(&mut data);
     Ok(data)
 }
 
-/// A tensor of `shape` holding `data`. The tensor's storage is allocated by dfdx and the data
-/// copied in, rather than the vector being adopted: with dfdx's allocation cache on, every
-/// tensor's storage goes to that cache when dropped, and adopted vectors would pile up there
-/// (the cache only hands buffers back to dfdx's own allocations).
+/// A tensor of `shape` adopting `data` (no copy).
 pub(crate) fn output<S: Shape, E: Float>(
     dev: &Cpu,
-    data: Vec<E>,
+    data: OutBuf<E>,
     shape: S,
     what: &str,
 ) -> Result<Tensor<S, E, Cpu>>
 where
     Cpu: Device<E>,
 {
-    let mut t = dev
-        .try_zeros_like(&shape)
-        .map_err(|e| anyhow!("{what}: output allocation failed: {e:?}"))?;
-    t.copy_from(&data);
-    recycle(data);
-    Ok(t)
+    let n = data.len();
+    dev.try_tensor_from_vec(data.0, shape)
+        .map_err(|e| anyhow!("{what}: {n} output elements for shape {shape:?}: {e:?}"))
 }
 
 /// Inside a backward op: moves the gradient buffer of a ghost out of the gradient store
@@ -140,7 +227,7 @@ macro_rules! take_grad {
                 b.is_empty(),
                 "fused op: gradient buffer of the wrong length"
             );
-            (vec![num_traits::Zero::zero(); $n], false)
+            ($crate::ops::host::scratch($n), false)
         }
     }};
 }
@@ -154,6 +241,7 @@ macro_rules! restore_grad {
             *slot = buf;
         } else {
             $crate::ops::host::add_into(slot, &buf);
+            $crate::ops::host::recycle(buf);
         }
     }};
 }
@@ -250,4 +338,55 @@ pub(crate) unsafe fn mm<E: Float>(
         false,
         par,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: usize = 1 << 20;
+
+    #[test]
+    fn pool_hands_back_exact_lengths_only() {
+        let mut p = Pool::new();
+        let n = MB / 4; // 1 MiB of f32
+        p.give(vec![7.0f32; n], 64 * MB);
+        assert!(
+            p.take::<f32>(n + 1).is_none(),
+            "a longer request took a shorter buffer"
+        );
+        assert!(
+            p.take::<f32>(n - 1).is_none(),
+            "a shorter request took a longer buffer"
+        );
+        assert!(
+            p.take::<f64>(n).is_none(),
+            "a buffer changed its element type"
+        );
+        let v = p.take::<f32>(n).expect("the buffer given back");
+        assert_eq!(v.len(), n);
+        assert_eq!(p.bytes, 0);
+        assert!(p.bufs.is_empty());
+    }
+
+    #[test]
+    fn pool_stays_within_its_budget_dropping_the_oldest() {
+        let mut p = Pool::new();
+        let budget = 8 * MB;
+        for i in 0..20usize {
+            p.give(vec![i as f32; MB / 4 * (1 + i % 3)], budget);
+            assert!(p.bytes <= budget, "{} bytes held, budget {budget}", p.bytes);
+            let held: usize = p.bufs.iter().map(|(b, _)| b).sum();
+            assert_eq!(held, p.bytes);
+        }
+        // the newest buffer is still there, the first ones are gone
+        let newest = p.take::<f32>(MB / 4 * (1 + 19 % 3)).expect("newest kept");
+        assert!(newest.iter().all(|&x| x == 19.0));
+        assert!(p.take::<f32>(MB / 4).map_or(true, |v| v[0] != 0.0));
+        // small and oversized buffers are not kept
+        let before = p.bytes;
+        p.give(vec![0f32; 16], budget);
+        p.give(vec![0f32; budget], budget);
+        assert_eq!(p.bytes, before);
+    }
 }

@@ -10,7 +10,7 @@
 //! The statistics and their sums are carried in f64.
 
 use super::host::{
-    input, output, par_rows, par_rows_sum, recycle, restore_grad, scratch, take_grad,
+    input, out_buf, output, par_rows, par_rows_sum, recycle, restore_grad, scratch, take_grad,
 };
 use super::timestep_norm::NormState;
 use crate::util::{c, Float, Seq};
@@ -95,7 +95,7 @@ where
             }
         });
     }
-    let mut y = scratch(rows * K);
+    let mut y = out_buf(&dev, rows * K, what)?;
     par_rows(&mut y, K, |r0, ys| {
         for (j, row) in ys.chunks_mut(K).enumerate() {
             let src = &xh[(r0 + j) * K..(r0 + j + 1) * K];
@@ -228,8 +228,8 @@ where
     // pass 2, along time per batch row: running mean and 1/sqrt(var + eps) per (row, group)
     // (stored over the moments), and the state after the last step
     let mut final_count = count0.clone();
-    let mut mean_last = vec![E::zero(); b * G];
-    let mut var_last = vec![E::zero(); b * G];
+    let mut mean_last = out_buf(&dev, b * G, WHAT)?;
+    let mut var_last = out_buf(&dev, b * G, WHAT)?;
     for bi in 0..b {
         let n0 = count0[bi] as f64;
         let mut s1: Vec<f64> = (0..G).map(|g| n0 * mean0[bi * G + g]).collect();
@@ -258,7 +258,7 @@ where
     let w1: Vec<E> = weight.as_vec().into_iter().map(|v| v + E::one()).collect();
     let bv = bias.as_vec();
     // pass 3, rows in parallel: the output
-    let mut y = scratch(rows * M);
+    let mut y = out_buf(&dev, rows * M, WHAT)?;
     par_rows(&mut y, M, |r0, ys| {
         for (j, yr) in ys.chunks_mut(M).enumerate() {
             let o = (r0 + j) * M;
