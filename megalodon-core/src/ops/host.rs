@@ -143,7 +143,9 @@ where
         .map_err(|e| anyhow!("{what}: allocating {n} output elements failed: {e:?}"))?;
     let v = std::mem::take(host(&mut storage));
     // Dropping the now empty storage would file it in dfdx's cache as a zero-length allocation
-    // (one more entry per call); forgetting it only leaves its handle on the cache counted.
+    // (one more entry per call); forgetting it only leaves its handle on the cache counted, so
+    // that cache is never freed: a device's cached buffers outlive it unless it is emptied
+    // (`Cache::empty_cache`, which `fit` does when it ends) before it is dropped.
     std::mem::forget(storage);
     Ok(OutBuf(v))
 }
