@@ -6,6 +6,7 @@
 #
 #     bash scripts/bench-vs-landed.sh                   # lengths 1024,4096,16384
 #     LENGTHS=4096 bash scripts/bench-vs-landed.sh --recompute
+#     ROUNDS=3 bash scripts/bench-vs-landed.sh          # medians over 3 alternating rounds
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -20,18 +21,35 @@ echo "== building bench_scaling at $BASE (in $WT) and here"
 cargo build --release --quiet --example bench_scaling
 OLD="$WT/target/release/examples/bench_scaling"
 NEW="$ROOT/target/release/examples/bench_scaling"
-for len in ${LENGTHS//,/ }; do
-    for which in landed current; do
-        if [ "$which" = landed ]; then
-            row="$("$OLD" --lengths "$len" --max-transformer-len 0 | grep -E "^\| $len ")"
-        else
-            row="$("$NEW" --lengths "$len" --max-transformer-len 0 "$@" | grep -E "^\| $len ")"
-        fi
-        echo "$which $row"
+ROUNDS="${ROUNDS:-1}"
+for round in $(seq "$ROUNDS"); do
+    for len in ${LENGTHS//,/ }; do
+        for which in landed current; do
+            if [ "$which" = landed ]; then
+                row="$("$OLD" --lengths "$len" --max-transformer-len 0 | grep -E "^\| $len ")"
+            else
+                row="$("$NEW" --lengths "$len" --max-transformer-len 0 "$@" | grep -E "^\| $len ")"
+            fi
+            echo "$which $row"
+            echo "round $round: $which $row" >&2
+        done
     done
-done | awk -v base="$BASE" '
-    BEGIN { print "| length | " base " tokens/s | current tokens/s | speed-up | " base " peak MB | current peak MB |";
-            print "|---:|---:|---:|---:|---:|---:|" }
-    { split($0, f, "|"); who = $1; len = f[2] + 0; tps[who, len] = f[4] + 0; mb[who, len] = f[5] + 0; lens[len] = 1 }
-    who == "current" { printf "| %d | %d | %d | %.2fx | %d | %d |\n", len, tps["landed", len], tps["current", len],
-                       tps["current", len] / tps["landed", len], mb["landed", len], mb["current", len] }'
+done | awk -v base="$BASE" -v rounds="$ROUNDS" '
+    # median of the space-separated numbers in s
+    function median(s,    a, n, i, j, t) {
+        n = split(s, a, " ")
+        for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    { split($0, f, "|"); who = $1; len = f[2] + 0; t = f[4] + 0
+      tps[who, len] = tps[who, len] " " t; mb[who, len] = mb[who, len] " " (f[5] + 0)
+      if (who == "landed") last = t; else ratio[len] = ratio[len] " " t / last
+      if (!(len in seen)) { seen[len] = 1; order[++nl] = len } }
+    END {
+      print "| length | " base " tokens/s | current tokens/s | speed-up | " base " peak MB | current peak MB |"
+      print "|---:|---:|---:|---:|---:|---:|"
+      for (i = 1; i <= nl; i++) { len = order[i]
+        printf "| %d | %d | %d | %.2fx | %d | %d |\n", len, median(tps["landed", len]), median(tps["current", len]),
+               median(ratio[len]), median(mb["landed", len]), median(mb["current", len]) }
+      if (rounds > 1) print "\n(medians over " rounds " rounds; speed-up = median of the per-round ratios)"
+    }'
