@@ -17,10 +17,10 @@
 //! Rows without any visible key produce zeros and pass zero gradients.
 
 use super::block_attention::{BlockMask, Blocks};
-use super::host::{mm, out_buf, recycle, scratch, values};
+use super::host::{contiguous, mm, out_buf, recycle, scratch, values};
 use super::simd::exp_in_place;
 use crate::util::Float;
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{ensure, Result};
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -83,18 +83,18 @@ where
     };
     // Permuted inputs are stride views; `contiguous` copies them (recording its own backward op
     // on their tapes) so that host data and gradient buffers are in logical row-major order.
-    let cont = |e| anyhow!("block attention: contiguous copy failed: {e:?}");
-    let (q, tq) = q.try_contiguous().map_err(cont)?.split_tape();
-    let (k, tk) = k.try_contiguous().map_err(cont)?.split_tape();
-    let (v, tv) = v.try_contiguous().map_err(cont)?.split_tape();
+    const WHAT: &str = "block attention";
+    let (q, tq) = contiguous(q, WHAT)?.split_tape();
+    let (k, tk) = contiguous(k, WHAT)?.split_tape();
+    let (v, tv) = contiguous(v, WHAT)?.split_tape();
     let mut tape = tq.merge(tk).merge(tv);
 
     // host copies in logical order; with a tape they are the only state kept for backward
     let (qv, kv, vv) = (values(&q), values(&k), values(&v));
     let dev = q.device().clone();
-    let mut ov = out_buf(&dev, bn * H * lq * dv, "block attention")?;
+    let mut ov = out_buf(&dev, bn * H * lq * dv, WHAT)?;
     let lse = forward(dims, &qv, &kv, &vv, mask, &mut ov);
-    let out = super::host::output(&dev, ov, (bn, Const::<H>, lq, dv), "block attention")?;
+    let out = super::host::output(&dev, ov, (bn, Const::<H>, lq, dv), WHAT)?;
 
     if T::OWNS_TAPE {
         let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());

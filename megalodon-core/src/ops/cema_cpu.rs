@@ -688,8 +688,7 @@ where
     let co = Coefs::<E>::new(ema);
 
     let (u, mut tape) = u.contiguous().split_tape();
-    let mut uv = super::host::scratch_any(b * t * M);
-    u.copy_into(&mut uv);
+    let uv = super::host::values(&u);
     let h0 = match h0 {
         Some(h) => {
             let (hr, tr) = h.re.contiguous().split_tape();

@@ -5,8 +5,8 @@
 //! threaded and allocates every intermediate and its gradient; these do one pass each way.
 
 use super::host::{
-    input, mm, out_buf, output, par_rows, par_rows_sum, recycle, restore_grad, scratch_any,
-    take_grad, GRAIN,
+    contiguous, input, mm, out_buf, output, par_rows, par_rows_sum, recycle, restore_grad,
+    scratch_any, take_grad, GRAIN,
 };
 use super::rope::Rope;
 use super::simd::sigmoid;
@@ -76,9 +76,7 @@ where
     // the output starts as the residual (its host copy) or zeros, plus the bias
     let (mut y, rt) = match r {
         Some(r) => {
-            let r = r
-                .try_contiguous()
-                .map_err(|e| anyhow::anyhow!("{WHAT}: contiguous copy failed: {e:?}"))?;
+            let r = contiguous(r, WHAT)?;
             let mut y = out_buf(&dev, rows * O, WHAT)?;
             r.copy_into(&mut y);
             let (rt, tr) = r.split_tape();

@@ -107,15 +107,17 @@ pub(crate) fn recycle<E: Float + Send>(v: Vec<E>) {
 /// there, step after step.
 pub(crate) struct OutBuf<E>(Vec<E>);
 
+// Slices, not vectors: a kernel writes the elements but cannot change the length or capacity
+// dfdx allocated (its cache files storage by size).
 impl<E> std::ops::Deref for OutBuf<E> {
-    type Target = Vec<E>;
-    fn deref(&self) -> &Vec<E> {
+    type Target = [E];
+    fn deref(&self) -> &[E] {
         &self.0
     }
 }
 
 impl<E> std::ops::DerefMut for OutBuf<E> {
-    fn deref_mut(&mut self) -> &mut Vec<E> {
+    fn deref_mut(&mut self) -> &mut [E] {
         &mut self.0
     }
 }
@@ -164,17 +166,27 @@ pub(crate) fn input<S: Shape, E: Float, T: Tape<E, Cpu>>(
 where
     Cpu: Device<E>,
 {
-    let x = x
-        .try_contiguous()
-        .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))?;
-    let mut data = scratch_any(x.shape().num_elements());
-    // a contiguous tensor's storage holds exactly its elements, in logical order
-    x.copy_into(&mut data);
+    let x = contiguous(x, what)?;
+    let data = values(&x);
     let (x, tape) = x.split_tape();
     Ok((data, x, tape))
 }
 
-/// The values of a contiguous tensor (fresh from `try_contiguous`) on the host, by `memcpy`.
+/// `x` with its elements in logical row-major order: a permuted or broadcast view is copied
+/// (dfdx records that copy's backward on the tape), a contiguous tensor passes as it is.
+pub(crate) fn contiguous<S: Shape, E: Float, T: Tape<E, Cpu>>(
+    x: Tensor<S, E, Cpu, T>,
+    what: &str,
+) -> Result<Tensor<S, E, Cpu, T>>
+where
+    Cpu: Device<E>,
+{
+    x.try_contiguous()
+        .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))
+}
+
+/// The values of a contiguous tensor (from [`contiguous`]) on the host, by `memcpy`: a
+/// contiguous tensor's storage holds exactly its elements, in logical order.
 pub(crate) fn values<S: Shape, E: Float + Send, T>(x: &Tensor<S, E, Cpu, T>) -> Vec<E>
 where
     Cpu: Device<E>,
@@ -189,13 +201,7 @@ pub(crate) fn param<S: Shape, E: Float + Send>(p: &Tensor<S, E, Cpu>, what: &str
 where
     Cpu: Device<E>,
 {
-    let p = p
-        .clone()
-        .try_contiguous()
-        .map_err(|e| anyhow!("{what}: contiguous copy failed: {e:?}"))?;
-    let mut data = scratch_any(p.shape().num_elements());
-    p.copy_into(&mut data);
-    Ok(data)
+    Ok(values(&contiguous(p.clone(), what)?))
 }
 
 /// A tensor of `shape` adopting `data` (no copy).
