@@ -13,14 +13,28 @@
 use crate::util::Float;
 use std::any::TypeId;
 
-/// Defines `fn $name(args)` that runs `$generic(args)` compiled for AVX2 + FMA when the CPU has
-/// them (detected at run time) and as plain code otherwise.
+/// Defines `fn $name(args)` that runs `$generic(args)` compiled for AVX-512 when the CPU has it,
+/// else for AVX2 + FMA when it has those (detected at run time), and as plain code otherwise.
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
         $(#[$m])*
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512bw")
+                {
+                    // SAFETY: the CPU has these AVX-512 subsets (checked just above), which
+                    // imply AVX2 and FMA.
+                    unsafe { avx512($($arg),*) };
+                    return;
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     $generic($($arg),*)
@@ -44,7 +58,12 @@ fn exp_lane(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x0 = x;
-    let x = x.clamp(-87.3, 88.7);
+    // NaN becomes 0 here (and NaN again at the end), so that `n` below is always finite
+    let x = if x0.is_nan() {
+        0.0
+    } else {
+        x0.clamp(-87.3, 88.7)
+    };
     let n = (x * LOG2E + 0.5).floor();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut p = 1.987_569_1e-4f32;
@@ -56,8 +75,10 @@ fn exp_lane(x: f32) -> f32 {
     let e = (p * r).mul_add(r, r) + 1.0;
     // n is in [-126, 128] here; 2^n built in two halves so that n = 128 does not overflow the
     // exponent field before the multiplication
-    let n = n as i32;
-    let h = n / 2;
+    // SAFETY: n is a whole number in [-126, 128] (x is finite and clamped above). The unchecked
+    // conversion vectorises; `as i32` saturates and is done lane by lane.
+    let n: i32 = unsafe { n.to_int_unchecked() };
+    let h = n >> 1;
     let s1 = f32::from_bits(((h + 127) as u32) << 23);
     let s2 = f32::from_bits(((n - h + 127) as u32) << 23);
     // below the range the true value is (almost) zero: exactly zero, so that a masked score of
