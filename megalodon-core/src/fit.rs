@@ -579,6 +579,7 @@ pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
         dev.try_empty_cache()
             .map_err(|e| anyhow::anyhow!("emptying the device's allocation cache: {e:?}"))?;
     }
+    crate::ops::release_pool();
     Ok(logs)
 }
 

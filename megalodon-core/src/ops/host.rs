@@ -14,8 +14,12 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-/// Most bytes the scratch pool keeps between uses.
-const POOL_BYTES: usize = 1 << 30;
+/// Most bytes the scratch pool keeps between uses. A step gives back, by the end of its
+/// backward pass, the host copies it kept for backward (at 16K tokens with `Small` more than
+/// 1 GiB); a smaller cap dropped some of them every step, and each was a fresh `mmap` again in the
+/// next step (125K page faults a step at 16K with a 1 GiB cap, 6K with this one). What the pool
+/// holds was in use a moment earlier, so it does not raise the peak; [`release_pool`] empties it.
+const POOL_BYTES: usize = 4 << 30;
 /// Smaller buffers are left to the allocator, whose free lists serve them without page faults.
 const POOL_MIN_BYTES: usize = 256 << 10;
 
@@ -90,6 +94,13 @@ pub(crate) fn scratch<E: Float + Send>(n: usize) -> Vec<E> {
 /// use): for a caller that overwrites every element.
 pub(crate) fn scratch_any<E: Float + Send>(n: usize) -> Vec<E> {
     take_pooled(n).unwrap_or_else(|| vec![E::zero(); n])
+}
+
+/// Drops every buffer the scratch pool holds (the training loop calls it when training ends).
+pub fn release_pool() {
+    let mut p = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    p.bufs.clear();
+    p.bytes = 0;
 }
 
 /// Gives a buffer back to the pool (small ones, and ones larger than the pool, are dropped).

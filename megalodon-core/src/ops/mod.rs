@@ -16,3 +16,7 @@ pub mod rope;
 pub mod scan;
 pub mod simd;
 pub mod timestep_norm;
+
+/// Empties the CPU kernels' scratch pool (host buffers kept between training steps); `fit` calls
+/// it when training ends. A custom training loop may call it when it is done.
+pub use host::release_pool;
