@@ -532,6 +532,9 @@ pub fn fit_with<E: Float, D: MegaDevice<E>, M: Trainable<E, D>>(
         } else {
             train_step(model, &mut opt, &batch)?
         };
+        if let Some(dev) = &cache_dev {
+            dev.end_step();
+        }
         state.step = log.step;
         state.tokens_seen = state.tokens_seen.saturating_add(M::batch_len(&batch));
         state.last_loss = Some(log.loss);

@@ -126,7 +126,8 @@ where
             backward(
                 dims, &qv, &kv, &vv, &go, &lse, &mask, &mut dq, &mut dk, &mut dvv,
             );
-            **grads.get_or_alloc_mut(&og)? = go;
+            // nothing reads dO again: back to dfdx's cache for the gradients below
+            super::host::give_to_dfdx(&dev, go);
             let mut later = Vec::new();
             for (g, b, owned) in [(&qg, dq, oq), (&kg, dk, ok), (&vg, dvv, ov)] {
                 if owned {

@@ -748,7 +748,7 @@ where
             ema.omega.ghost(),
         );
         tape.add_backward_op(move |grads| {
-            // y's gradient is complete; borrow its buffer by value and put it back afterwards.
+            // y's gradient is complete; take its buffer by value (released below).
             let gy = std::mem::take(E::host(grads.get_or_alloc_mut(&yg)?));
             let gh = match &sg {
                 Some((r, i)) => Some((
@@ -767,7 +767,8 @@ where
                     bwd_dispatch::<E, N>(co, &dm, i, uv, gy, ghs, &fwd[glo..ghi], gup)
                 })
             };
-            *E::host(grads.get_or_alloc_mut(&yg)?) = gy;
+            // nothing reads y's gradient again: back to dfdx's cache for the gradients below
+            super::host::give_to_dfdx(&dev, gy);
 
             // coefficient gradients summed over the batch, then the chain rule (f64)
             let mn = M * N;

@@ -5,8 +5,8 @@
 //! threaded and allocates every intermediate and its gradient; these do one pass each way.
 
 use super::host::{
-    contiguous, input, mm, out_buf, output, par_rows, par_rows_sum, recycle, restore_grad,
-    scratch_any, take_grad, GRAIN,
+    contiguous, input, mm, out_buf, output, par_rows, par_rows_sum, recycle, release_grad,
+    restore_grad, scratch_any, take_grad, GRAIN,
 };
 use super::rope::Rope;
 use super::simd::sigmoid;
@@ -167,7 +167,7 @@ where
                 super::host::add_into(&mut db.0, &sums);
                 restore_grad!(grads, bg, db);
             }
-            restore_grad!(grads, og, dy);
+            release_grad!(dev, dy);
             recycle(xv);
             recycle(wv);
             Ok(())
@@ -214,7 +214,7 @@ where
                 }
             });
             restore_grad!(grads, xg, dx);
-            restore_grad!(grads, og, dy);
+            release_grad!(dev, dy);
             recycle(xv);
             Ok(())
         });
@@ -277,7 +277,7 @@ where
                 });
             restore_grad!(grads, gg, dg);
             restore_grad!(grads, ag, da);
-            restore_grad!(grads, og, dy);
+            release_grad!(dev, dy);
             recycle(gv);
             recycle(av);
             Ok(())
@@ -396,8 +396,8 @@ where
             super::host::add_into(&mut dgam.0, &sums[..2 * ZW]);
             let mut dbet = take_grad!(grads, bg, 2 * ZW);
             super::host::add_into(&mut dbet.0, &sums[2 * ZW..]);
-            restore_grad!(grads, qg, dq);
-            restore_grad!(grads, kg, dk);
+            release_grad!(dev, dq);
+            release_grad!(dev, dk);
             restore_grad!(grads, zg, dzb);
             restore_grad!(grads, gg, dgam);
             restore_grad!(grads, bg, dbet);
@@ -469,7 +469,7 @@ where
             // the transpose of a rotation is the rotation by the opposite angle
             par_rows(&mut dx.0, row, |r0, dxs| rotate(&dy.0, dxs, r0, -E::one()));
             restore_grad!(grads, xg, dx);
-            restore_grad!(grads, og, dy);
+            release_grad!(dev, dy);
             Ok(())
         });
     }

@@ -12,6 +12,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 use std::any::Any;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Most bytes the scratch pool keeps between uses. A step gives back, by the end of its
@@ -264,7 +265,61 @@ macro_rules! restore_grad {
         }
     }};
 }
-pub(crate) use {restore_grad, take_grad};
+
+/// Inside a backward op: done with the gradient of the op's *output* (taken by [`take_grad!`]).
+/// Nothing reads it again (every consumer of the output ran its backward before this op), so the
+/// buffer goes back to dfdx's allocation cache at once instead of living until backward ends,
+/// and the gradients of the layers below reuse it.
+macro_rules! release_grad {
+    ($dev:expr, $taken:expr) => {{
+        let (buf, owned) = $taken;
+        if owned {
+            $crate::ops::host::give_to_dfdx(&$dev, buf);
+        } else {
+            $crate::ops::host::recycle(buf);
+        }
+    }};
+}
+pub(crate) use {release_grad, restore_grad, take_grad};
+
+/// Drops `v` as dfdx storage: into dfdx's allocation cache when that is on (so a later dfdx
+/// allocation of the same length reuses it), else back to the allocator.
+pub(crate) fn give_to_dfdx<E: Float>(dev: &Cpu, v: Vec<E>)
+where
+    Cpu: Device<E>,
+{
+    let n = v.len();
+    released(std::mem::size_of::<E>()).fetch_add(1, Ordering::Relaxed);
+    // adopting a vector allocates nothing; it fails only on a length/shape mismatch, impossible
+    // for the shape (n,)
+    drop(dev.try_tensor_from_vec(v, (n,)));
+}
+
+/// Gradient buffers released by [`give_to_dfdx`] since the last [`drain_released`], per element
+/// size (f32, f64).
+static RELEASED: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+fn released(elem_bytes: usize) -> &'static AtomicUsize {
+    &RELEASED[usize::from(elem_bytes > 4)]
+}
+
+/// A released gradient leaves an empty vector in its gradient slot, which dfdx files in its
+/// allocation cache under length 0 when the gradients are dropped (with the cache on); nothing
+/// ever asks for length 0, so they would pile up, one pointer each, step after step. This takes
+/// out as many as were released (asking for one when there is none allocates nothing).
+pub(crate) fn drain_released<E: Float>(dev: &Cpu)
+where
+    Cpu: Device<E>,
+{
+    let k = released(std::mem::size_of::<E>()).swap(0, Ordering::Relaxed);
+    for _ in 0..k {
+        match <Cpu as Storage<E>>::try_alloc_len(dev, 0) {
+            // the handle would file the (empty) vector under length 0 again when dropped
+            Ok(v) => std::mem::forget(v),
+            Err(_) => break,
+        }
+    }
+}
 
 /// Runs `f(first_row, rows_out)` over the rows of `out` (row length `width`) in parallel tasks
 /// of about [`GRAIN`] elements.

@@ -10,7 +10,8 @@
 //! The statistics and their sums are carried in f64.
 
 use super::host::{
-    input, out_buf, output, par_rows, par_rows_sum, recycle, restore_grad, scratch, take_grad,
+    input, out_buf, output, par_rows, par_rows_sum, recycle, release_grad, restore_grad, scratch,
+    take_grad,
 };
 use super::timestep_norm::NormState;
 use crate::util::{c, Float, Seq};
@@ -153,7 +154,7 @@ where
                 super::host::add_into(&mut db.0, &sums[K..]);
                 restore_grad!(grads, bg, db);
             }
-            restore_grad!(grads, og, dy);
+            release_grad!(dev, dy);
             recycle(xh);
             Ok(())
         });
@@ -353,7 +354,7 @@ where
             let mut db = take_grad!(grads, bg, M);
             super::host::add_into(&mut db.0, &sums[M..]);
             restore_grad!(grads, bg, db);
-            restore_grad!(grads, og, dy);
+            release_grad!(dev, dy);
             recycle(gs12);
             recycle(stats);
             recycle(xv);
