@@ -307,6 +307,7 @@ fn released(elem_bytes: usize) -> &'static AtomicUsize {
 /// allocation cache under length 0 when the gradients are dropped (with the cache on); nothing
 /// ever asks for length 0, so they would pile up, one pointer each, step after step. This takes
 /// out as many as were released (asking for one when there is none allocates nothing).
+#[cfg_attr(feature = "composed-ops", allow(dead_code))]
 pub(crate) fn drain_released<E: Float>(dev: &Cpu)
 where
     Cpu: Device<E>,
