@@ -278,6 +278,13 @@ where
             &mk(2, 6, 11, BlockMask::default(), permuted, 8),
             tol,
         );
+        // one causal block of three tiles: with more than one thread the tiles run in parallel
+        // (backward: per-thread partial dK, dV)
+        check::<1, E>(
+            &format!("causal one block {p}"),
+            &mk(1, 300, 300, causal(0), permuted, 10),
+            tol,
+        );
         check::<1, E>(
             &format!("nomask tall {p}"),
             &mk(1, 260, 33, BlockMask::default(), permuted, 9),

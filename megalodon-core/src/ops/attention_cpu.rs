@@ -11,13 +11,16 @@
 //! `dS = P * (dP - D)`, `dQ = dS K`, `dK = dS^T Q`, *added* into the gradients of q, k and v
 //! (they may have other consumers), in place in the gradient buffers.
 //!
-//! Matrix products go through the `gemm` crate (the one dfdx's CPU matmul uses). Blocks run in
-//! parallel on rayon when there are at least as many blocks as threads, otherwise each product
-//! is parallelised by gemm. Scratch memory is two `(TILE, Lk)` buffers per running block.
+//! Matrix products go through the `gemm` crate, one thread each. Blocks run in parallel on rayon
+//! when there are at least as many blocks as threads; otherwise the query tiles of each block
+//! do (a training sequence of one chunk is one block): in forward each tile owns its rows of O,
+//! in backward each thread takes a group of tiles with its own partial dK and dV, summed at the
+//! end. Scratch memory is one or two `(TILE, Lk)` buffers per running task (plus the partial
+//! dK, dV).
 //! Rows without any visible key produce zeros and pass zero gradients.
 
 use super::block_attention::{BlockMask, Blocks};
-use super::host::{contiguous, mm, out_buf, recycle, scratch, values};
+use super::host::{add_into, contiguous, mm, out_buf, recycle, scratch, scratch_any, values};
 use super::simd::exp_in_place;
 use crate::util::Float;
 use anyhow::{ensure, Result};
@@ -167,33 +170,218 @@ fn key_limits(mask: &BlockMask, b: usize, r0: usize, r1: usize, lk: usize) -> Ve
         .collect()
 }
 
-/// Runs `f(block index, per-block chunks...)` over all `(bn, h)` blocks: in parallel over blocks
-/// when there are enough of them, otherwise sequentially with gemm-level parallelism.
-fn for_blocks<E: Float, F>(nblocks: usize, bufs: Vec<(&mut [E], usize)>, f: F)
-where
-    F: Fn(usize, &mut [&mut [E]], gemm::Parallelism) + Sync,
-{
+/// Whether the `(bn, h)` blocks of a call run in parallel (enough of them for every thread);
+/// otherwise the query tiles of each block are spread over the threads.
+fn blocks_in_parallel(nblocks: usize) -> bool {
     let threads = rayon::current_num_threads();
-    // split each buffer into per-block chunks, then transpose to per-block lists
-    let mut per_block: Vec<Vec<&mut [E]>> = (0..nblocks).map(|_| Vec::new()).collect();
-    for (buf, len) in bufs {
-        for (i, c) in buf.chunks_mut(len.max(1)).take(nblocks).enumerate() {
-            per_block[i].push(c);
+    nblocks >= threads || threads == 1
+}
+
+/// Query tiles of one block dealt to `groups` groups back and forth (0 1 | 1 0 | 0 1 ...), so
+/// that under a causal mask, where later tiles see more keys, every group gets a similar share.
+fn tile_group(t: usize, groups: usize) -> usize {
+    let (round, pos) = (t / groups, t % groups);
+    if round.is_multiple_of(2) {
+        pos
+    } else {
+        groups - 1 - pos
+    }
+}
+
+/// The read-only inputs of one call, and its sizes.
+struct Inputs<'a, E> {
+    d: BlockDims,
+    q: &'a [E],
+    k: &'a [E],
+    v: &'a [E],
+    mask: &'a BlockMask,
+}
+
+impl<E: Float> Inputs<'_, E> {
+    /// Forward of query rows `r0..r1` of block `blk`: writes their output rows `ot` and
+    /// log-sum-exps `lt`; `s` is scratch of at least `TILE * lk`.
+    fn forward_tile(&self, blk: usize, r0: usize, ot: &mut [E], lt: &mut [E], s: &mut [E]) {
+        let BlockDims {
+            h, lq, lk, dz, dv, ..
+        } = self.d;
+        let ninf = E::neg_infinity();
+        let b = blk / h;
+        let rows = lt.len();
+        let r1 = r0 + rows;
+        let qb = &self.q[blk * lq * dz..(blk + 1) * lq * dz];
+        let kb = &self.k[blk * lk * dz..(blk + 1) * lk * dz];
+        let vb = &self.v[blk * lk * dv..(blk + 1) * lk * dv];
+        let mask = self.mask;
+        let lim = key_limits(mask, b, r0, r1, lk);
+        let kmax = lim.iter().copied().max().unwrap_or(0);
+        if kmax == 0 {
+            ot.fill(E::zero());
+            lt.fill(ninf);
+            return;
+        }
+        // S = Q[r0..r1] K[..kmax]^T, (rows x kmax) with row stride kmax
+        unsafe {
+            mm(
+                (rows, kmax, dz),
+                (s.as_mut_ptr(), kmax, 1),
+                false,
+                (qb.as_ptr().add(r0 * dz), dz, 1),
+                (kb.as_ptr(), 1, dz),
+                gemm::Parallelism::None,
+            );
+        }
+        for (ii, i) in (r0..r1).enumerate() {
+            let row = &mut s[ii * kmax..(ii + 1) * kmax];
+            let mut m = ninf;
+            for (j, x) in row.iter_mut().enumerate() {
+                if j < lim[ii] && mask.allows(b, i, j) {
+                    m = m.max(*x);
+                } else {
+                    *x = ninf;
+                }
+            }
+            if m == ninf {
+                row.fill(E::zero());
+                lt[ii] = ninf;
+                continue;
+            }
+            row.iter_mut().for_each(|x| *x -= m);
+            exp_in_place(row);
+            let sum = row.iter().fold(E::zero(), |s, &x| s + x);
+            let inv = sum.recip();
+            row.iter_mut().for_each(|x| *x *= inv);
+            lt[ii] = m + sum.ln();
+        }
+        // O[r0..r1] = P V[..kmax]
+        unsafe {
+            mm(
+                (rows, dv, kmax),
+                (ot.as_mut_ptr(), dv, 1),
+                false,
+                (s.as_ptr(), kmax, 1),
+                (vb.as_ptr(), dv, 1),
+                gemm::Parallelism::None,
+            );
         }
     }
-    if nblocks >= threads || threads == 1 {
-        per_block
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(i, mut c)| f(i, &mut c, gemm::Parallelism::None));
-    } else {
-        for (i, mut c) in per_block.into_iter().enumerate() {
-            f(i, &mut c, gemm::Parallelism::Rayon(threads));
+
+    /// Backward of query rows `r0..r0 + dqt.len() / dz` of block `blk`: adds into their rows of
+    /// dQ (`dqt`) and into the whole block's dK (`dkb`) and dV (`dvb`); `p` and `ds` are scratch
+    /// of at least `TILE * lk`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_tile(
+        &self,
+        blk: usize,
+        r0: usize,
+        go: &[E],
+        lse: &[E],
+        dqt: &mut [E],
+        dkb: &mut [E],
+        dvb: &mut [E],
+        p: &mut [E],
+        ds: &mut [E],
+    ) {
+        let BlockDims {
+            h, lq, lk, dz, dv, ..
+        } = self.d;
+        let ninf = E::neg_infinity();
+        let b = blk / h;
+        let rows = dqt.len() / dz;
+        let r1 = r0 + rows;
+        let qb = &self.q[blk * lq * dz..(blk + 1) * lq * dz];
+        let kb = &self.k[blk * lk * dz..(blk + 1) * lk * dz];
+        let vb = &self.v[blk * lk * dv..(blk + 1) * lk * dv];
+        let gb = &go[blk * lq * dv..(blk + 1) * lq * dv];
+        let lb = &lse[blk * lq..(blk + 1) * lq];
+        let mask = self.mask;
+        let lim = key_limits(mask, b, r0, r1, lk);
+        let kmax = lim.iter().copied().max().unwrap_or(0);
+        if kmax == 0 {
+            return;
+        }
+        let par = gemm::Parallelism::None;
+        unsafe {
+            // S = Q K^T (recomputed) into p
+            mm(
+                (rows, kmax, dz),
+                (p.as_mut_ptr(), kmax, 1),
+                false,
+                (qb.as_ptr().add(r0 * dz), dz, 1),
+                (kb.as_ptr(), 1, dz),
+                par,
+            );
+            // dP = dO V^T into ds
+            mm(
+                (rows, kmax, dv),
+                (ds.as_mut_ptr(), kmax, 1),
+                false,
+                (gb.as_ptr().add(r0 * dv), dv, 1),
+                (vb.as_ptr(), 1, dv),
+                par,
+            );
+        }
+        for (ii, i) in (r0..r1).enumerate() {
+            let prow = &mut p[ii * kmax..(ii + 1) * kmax];
+            let dsrow = &mut ds[ii * kmax..(ii + 1) * kmax];
+            let l = lb[i];
+            if l == ninf {
+                prow.fill(E::zero());
+                dsrow.fill(E::zero());
+                continue;
+            }
+            // D_i = dO_i . O_i = sum_j P_ij dP_ij
+            for (j, x) in prow.iter_mut().enumerate() {
+                // masked entries become e^-inf = 0
+                *x = if j < lim[ii] && mask.allows(b, i, j) {
+                    *x - l
+                } else {
+                    ninf
+                };
+            }
+            exp_in_place(prow);
+            let di = prow
+                .iter()
+                .zip(dsrow.iter())
+                .fold(E::zero(), |s, (x, g)| s + *x * *g);
+            for (x, g) in prow.iter().zip(dsrow.iter_mut()) {
+                *g = *x * (*g - di);
+            }
+        }
+        unsafe {
+            // dV[..kmax] += P^T dO
+            mm(
+                (kmax, dv, rows),
+                (dvb.as_mut_ptr(), dv, 1),
+                true,
+                (p.as_ptr(), 1, kmax),
+                (gb.as_ptr().add(r0 * dv), dv, 1),
+                par,
+            );
+            // dQ[r0..r1] += dS K[..kmax]
+            mm(
+                (rows, dz, kmax),
+                (dqt.as_mut_ptr(), dz, 1),
+                true,
+                (ds.as_ptr(), kmax, 1),
+                (kb.as_ptr(), dz, 1),
+                par,
+            );
+            // dK[..kmax] += dS^T Q[r0..r1]
+            mm(
+                (kmax, dz, rows),
+                (dkb.as_mut_ptr(), dz, 1),
+                true,
+                (ds.as_ptr(), 1, kmax),
+                (qb.as_ptr().add(r0 * dz), dz, 1),
+                par,
+            );
         }
     }
 }
 
-/// Writes `O (Bn, H, Lq, dv)` into `o`; returns the logsumexp `(Bn, H, Lq)`.
+/// Writes `O (Bn, H, Lq, dv)` into `o`; returns the logsumexp `(Bn, H, Lq)`. Blocks run in
+/// parallel when there are enough of them, otherwise the query tiles of each block do (each
+/// tile's rows of O and of the logsumexp are its own).
 fn forward<E: Float>(
     d: BlockDims,
     q: &[E],
@@ -203,88 +391,46 @@ fn forward<E: Float>(
     o: &mut [E],
 ) -> Vec<E> {
     let BlockDims {
-        bn,
-        h,
-        lq,
-        lk,
-        dz,
-        dv,
+        bn, h, lq, lk, dv, ..
     } = d;
     let nblocks = bn * h;
     let mut lse = vec![E::zero(); nblocks * lq];
-    let ninf = E::neg_infinity();
-    for_blocks(
-        nblocks,
-        vec![(o, lq * dv), (&mut lse, lq)],
-        |blk, bufs, par| {
-            let b = blk / h;
-            let qb = &q[blk * lq * dz..(blk + 1) * lq * dz];
-            let kb = &k[blk * lk * dz..(blk + 1) * lk * dz];
-            let vb = &v[blk * lk * dv..(blk + 1) * lk * dv];
-            let (ob, rest) = bufs.split_at_mut(1);
-            let (ob, lb) = (&mut *ob[0], &mut *rest[0]);
-            let mut s = vec![E::zero(); TILE.min(lq) * lk];
-            for r0 in (0..lq).step_by(TILE) {
-                let r1 = (r0 + TILE).min(lq);
-                let rows = r1 - r0;
-                let lim = key_limits(mask, b, r0, r1, lk);
-                let kmax = lim.iter().copied().max().unwrap_or(0);
-                if kmax == 0 {
-                    ob[r0 * dv..r1 * dv].fill(E::zero());
-                    lb[r0..r1].fill(ninf);
-                    continue;
+    let inp = Inputs { d, q, k, v, mask };
+    let scratch_len = TILE.min(lq) * lk;
+    if blocks_in_parallel(nblocks) {
+        o.par_chunks_mut(lq * dv)
+            .zip(lse.par_chunks_mut(lq))
+            .enumerate()
+            .for_each(|(blk, (ob, lb))| {
+                let mut s = scratch_any(scratch_len);
+                for (t, (ot, lt)) in ob
+                    .chunks_mut(TILE * dv)
+                    .zip(lb.chunks_mut(TILE))
+                    .enumerate()
+                {
+                    inp.forward_tile(blk, t * TILE, ot, lt, &mut s);
                 }
-                // S = Q[r0..r1] K[..kmax]^T, (rows x kmax) with row stride kmax
-                unsafe {
-                    mm(
-                        (rows, kmax, dz),
-                        (s.as_mut_ptr(), kmax, 1),
-                        false,
-                        (qb.as_ptr().add(r0 * dz), dz, 1),
-                        (kb.as_ptr(), 1, dz),
-                        par,
-                    );
-                }
-                for (ii, i) in (r0..r1).enumerate() {
-                    let row = &mut s[ii * kmax..(ii + 1) * kmax];
-                    let mut m = ninf;
-                    for (j, x) in row.iter_mut().enumerate() {
-                        if j < lim[ii] && mask.allows(b, i, j) {
-                            m = m.max(*x);
-                        } else {
-                            *x = ninf;
-                        }
-                    }
-                    if m == ninf {
-                        row.fill(E::zero());
-                        lb[i] = ninf;
-                        continue;
-                    }
-                    row.iter_mut().for_each(|x| *x -= m);
-                    exp_in_place(row);
-                    let sum = row.iter().fold(E::zero(), |s, &x| s + x);
-                    let inv = sum.recip();
-                    row.iter_mut().for_each(|x| *x *= inv);
-                    lb[i] = m + sum.ln();
-                }
-                // O[r0..r1] = P V[..kmax]
-                unsafe {
-                    mm(
-                        (rows, dv, kmax),
-                        (ob.as_mut_ptr().add(r0 * dv), dv, 1),
-                        false,
-                        (s.as_ptr(), kmax, 1),
-                        (vb.as_ptr(), dv, 1),
-                        par,
-                    );
-                }
-            }
-        },
-    );
+                recycle(s);
+            });
+    } else {
+        for (blk, (ob, lb)) in o.chunks_mut(lq * dv).zip(lse.chunks_mut(lq)).enumerate() {
+            ob.par_chunks_mut(TILE * dv)
+                .zip(lb.par_chunks_mut(TILE))
+                .enumerate()
+                .for_each(|(t, (ot, lt))| {
+                    let mut s = scratch_any(scratch_len);
+                    inp.forward_tile(blk, t * TILE, ot, lt, &mut s);
+                    recycle(s);
+                });
+        }
+    }
     lse
 }
 
 /// Adds the gradients of one call into `dq (Bn, H, Lq, dz)`, `dk` and `dvv (Bn, H, Lk, dv)`.
+/// Blocks run in parallel when there are enough of them; otherwise the query tiles of each block
+/// are split into one group per thread, each adding into its own rows of dQ and its own partial
+/// dK and dV, which are summed at the end.
 #[allow(clippy::too_many_arguments)]
 fn backward<E: Float>(
     d: BlockDims,
@@ -307,107 +453,66 @@ fn backward<E: Float>(
         dv,
     } = d;
     let nblocks = bn * h;
-    let ninf = E::neg_infinity();
-    for_blocks(
-        nblocks,
-        vec![(dq, lq * dz), (dk, lk * dz), (dvv, lk * dv)],
-        |blk, bufs, par| {
-            let b = blk / h;
-            let qb = &q[blk * lq * dz..(blk + 1) * lq * dz];
-            let kb = &k[blk * lk * dz..(blk + 1) * lk * dz];
-            let vb = &v[blk * lk * dv..(blk + 1) * lk * dv];
-            let gb = &go[blk * lq * dv..(blk + 1) * lq * dv];
-            let lb = &lse[blk * lq..(blk + 1) * lq];
-            let (dqb, rest) = bufs.split_at_mut(1);
-            let (dkb, dvb) = rest.split_at_mut(1);
-            let (dqb, dkb, dvb) = (&mut *dqb[0], &mut *dkb[0], &mut *dvb[0]);
-            let mut p = vec![E::zero(); TILE.min(lq) * lk];
-            let mut ds = vec![E::zero(); TILE.min(lq) * lk];
-            for r0 in (0..lq).step_by(TILE) {
-                let r1 = (r0 + TILE).min(lq);
-                let rows = r1 - r0;
-                let lim = key_limits(mask, b, r0, r1, lk);
-                let kmax = lim.iter().copied().max().unwrap_or(0);
-                if kmax == 0 {
-                    continue;
+    let inp = Inputs { d, q, k, v, mask };
+    let scratch_len = TILE.min(lq) * lk;
+    if blocks_in_parallel(nblocks) {
+        dq.par_chunks_mut(lq * dz)
+            .zip(dk.par_chunks_mut(lk * dz))
+            .zip(dvv.par_chunks_mut(lk * dv))
+            .enumerate()
+            .for_each(|(blk, ((dqb, dkb), dvb))| {
+                let mut p = scratch_any(scratch_len);
+                let mut ds = scratch_any(scratch_len);
+                for (t, dqt) in dqb.chunks_mut(TILE * dz).enumerate() {
+                    inp.backward_tile(blk, t * TILE, go, lse, dqt, dkb, dvb, &mut p, &mut ds);
                 }
-                unsafe {
-                    // S = Q K^T (recomputed) into p
-                    mm(
-                        (rows, kmax, dz),
-                        (p.as_mut_ptr(), kmax, 1),
-                        false,
-                        (qb.as_ptr().add(r0 * dz), dz, 1),
-                        (kb.as_ptr(), 1, dz),
-                        par,
-                    );
-                    // dP = dO V^T into ds
-                    mm(
-                        (rows, kmax, dv),
-                        (ds.as_mut_ptr(), kmax, 1),
-                        false,
-                        (gb.as_ptr().add(r0 * dv), dv, 1),
-                        (vb.as_ptr(), 1, dv),
-                        par,
-                    );
-                }
-                for (ii, i) in (r0..r1).enumerate() {
-                    let prow = &mut p[ii * kmax..(ii + 1) * kmax];
-                    let dsrow = &mut ds[ii * kmax..(ii + 1) * kmax];
-                    let l = lb[i];
-                    if l == ninf {
-                        prow.fill(E::zero());
-                        dsrow.fill(E::zero());
-                        continue;
-                    }
-                    // D_i = dO_i . O_i = sum_j P_ij dP_ij
-                    for (j, x) in prow.iter_mut().enumerate() {
-                        // masked entries become e^-inf = 0
-                        *x = if j < lim[ii] && mask.allows(b, i, j) {
-                            *x - l
-                        } else {
-                            ninf
-                        };
-                    }
-                    exp_in_place(prow);
-                    let di = prow
-                        .iter()
-                        .zip(dsrow.iter())
-                        .fold(E::zero(), |s, (x, g)| s + *x * *g);
-                    for (x, g) in prow.iter().zip(dsrow.iter_mut()) {
-                        *g = *x * (*g - di);
-                    }
-                }
-                unsafe {
-                    // dV[..kmax] += P^T dO
-                    mm(
-                        (kmax, dv, rows),
-                        (dvb.as_mut_ptr(), dv, 1),
-                        true,
-                        (p.as_ptr(), 1, kmax),
-                        (gb.as_ptr().add(r0 * dv), dv, 1),
-                        par,
-                    );
-                    // dQ[r0..r1] += dS K[..kmax]
-                    mm(
-                        (rows, dz, kmax),
-                        (dqb.as_mut_ptr().add(r0 * dz), dz, 1),
-                        true,
-                        (ds.as_ptr(), kmax, 1),
-                        (kb.as_ptr(), dz, 1),
-                        par,
-                    );
-                    // dK[..kmax] += dS^T Q[r0..r1]
-                    mm(
-                        (kmax, dz, rows),
-                        (dkb.as_mut_ptr(), dz, 1),
-                        true,
-                        (ds.as_ptr(), 1, kmax),
-                        (qb.as_ptr().add(r0 * dz), dz, 1),
-                        par,
+                recycle(p);
+                recycle(ds);
+            });
+        return;
+    }
+    let groups = rayon::current_num_threads();
+    for (blk, ((dqb, dkb), dvb)) in dq
+        .chunks_mut(lq * dz)
+        .zip(dk.chunks_mut(lk * dz))
+        .zip(dvv.chunks_mut(lk * dv))
+        .enumerate()
+    {
+        let mut dealt: Vec<Vec<(usize, &mut [E])>> = (0..groups).map(|_| Vec::new()).collect();
+        for (t, dqt) in dqb.chunks_mut(TILE * dz).enumerate() {
+            dealt[tile_group(t, groups)].push((t, dqt));
+        }
+        let partials: Vec<(Vec<E>, Vec<E>)> = dealt
+            .into_par_iter()
+            .filter(|tiles| !tiles.is_empty())
+            .map(|tiles| {
+                let mut dkp = scratch(lk * dz);
+                let mut dvp = scratch(lk * dv);
+                let mut p = scratch_any(scratch_len);
+                let mut ds = scratch_any(scratch_len);
+                for (t, dqt) in tiles {
+                    inp.backward_tile(
+                        blk,
+                        t * TILE,
+                        go,
+                        lse,
+                        dqt,
+                        &mut dkp,
+                        &mut dvp,
+                        &mut p,
+                        &mut ds,
                     );
                 }
-            }
-        },
-    );
+                recycle(p);
+                recycle(ds);
+                (dkp, dvp)
+            })
+            .collect();
+        for (dkp, dvp) in partials {
+            add_into(dkb, &dkp);
+            add_into(dvb, &dvp);
+            recycle(dkp);
+            recycle(dvp);
+        }
+    }
 }
