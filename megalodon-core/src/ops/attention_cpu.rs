@@ -198,28 +198,26 @@ struct Inputs<'a, E> {
 }
 
 impl<E: Float> Inputs<'_, E> {
-    /// Forward of query rows `r0..r1` of block `blk`: writes their output rows `ot` and
-    /// log-sum-exps `lt`; `s` is scratch of at least `TILE * lk`.
-    fn forward_tile(&self, blk: usize, r0: usize, ot: &mut [E], lt: &mut [E], s: &mut [E]) {
-        let BlockDims {
-            h, lq, lk, dz, dv, ..
-        } = self.d;
-        let ninf = E::neg_infinity();
-        let b = blk / h;
-        let rows = lt.len();
-        let r1 = r0 + rows;
-        let qb = &self.q[blk * lq * dz..(blk + 1) * lq * dz];
-        let kb = &self.k[blk * lk * dz..(blk + 1) * lk * dz];
-        let vb = &self.v[blk * lk * dv..(blk + 1) * lk * dv];
-        let mask = self.mask;
-        let lim = key_limits(mask, b, r0, r1, lk);
-        let kmax = lim.iter().copied().max().unwrap_or(0);
-        if kmax == 0 {
-            ot.fill(E::zero());
-            lt.fill(ninf);
-            return;
-        }
-        // S = Q[r0..r1] K[..kmax]^T, (rows x kmax) with row stride kmax
+    /// Q, K and V of block `blk`.
+    fn block(&self, blk: usize) -> (&[E], &[E], &[E]) {
+        let BlockDims { lq, lk, dz, dv, .. } = self.d;
+        (
+            &self.q[blk * lq * dz..(blk + 1) * lq * dz],
+            &self.k[blk * lk * dz..(blk + 1) * lk * dz],
+            &self.v[blk * lk * dv..(blk + 1) * lk * dv],
+        )
+    }
+
+    /// `S = Q[r0..r0 + rows] K[..kmax]^T` of one block into `s`, `(rows x kmax)` with row
+    /// stride `kmax`.
+    fn scores(&self, qb: &[E], kb: &[E], r0: usize, rows: usize, kmax: usize, s: &mut [E]) {
+        let dz = self.d.dz;
+        assert!(
+            (r0 + rows) * dz <= qb.len() && kmax * dz <= kb.len() && rows * kmax <= s.len(),
+            "block attention: tile out of range"
+        );
+        // SAFETY: the assertion above keeps every addressed element inside its slice; `s` is
+        // borrowed mutably, so it aliases neither input.
         unsafe {
             mm(
                 (rows, kmax, dz),
@@ -230,6 +228,26 @@ impl<E: Float> Inputs<'_, E> {
                 gemm::Parallelism::None,
             );
         }
+    }
+
+    /// Forward of query rows `r0..r1` of block `blk`: writes their output rows `ot` and
+    /// log-sum-exps `lt`; `s` is scratch of at least `TILE * lk`.
+    fn forward_tile(&self, blk: usize, r0: usize, ot: &mut [E], lt: &mut [E], s: &mut [E]) {
+        let BlockDims { h, lk, dv, .. } = self.d;
+        let ninf = E::neg_infinity();
+        let b = blk / h;
+        let rows = lt.len();
+        let r1 = r0 + rows;
+        let (qb, kb, vb) = self.block(blk);
+        let mask = self.mask;
+        let lim = key_limits(mask, b, r0, r1, lk);
+        let kmax = lim.iter().copied().max().unwrap_or(0);
+        if kmax == 0 {
+            ot.fill(E::zero());
+            lt.fill(ninf);
+            return;
+        }
+        self.scores(qb, kb, r0, rows, kmax, s);
         for (ii, i) in (r0..r1).enumerate() {
             let row = &mut s[ii * kmax..(ii + 1) * kmax];
             let mut m = ninf;
@@ -288,9 +306,7 @@ impl<E: Float> Inputs<'_, E> {
         let b = blk / h;
         let rows = dqt.len() / dz;
         let r1 = r0 + rows;
-        let qb = &self.q[blk * lq * dz..(blk + 1) * lq * dz];
-        let kb = &self.k[blk * lk * dz..(blk + 1) * lk * dz];
-        let vb = &self.v[blk * lk * dv..(blk + 1) * lk * dv];
+        let (qb, kb, vb) = self.block(blk);
         let gb = &go[blk * lq * dv..(blk + 1) * lq * dv];
         let lb = &lse[blk * lq..(blk + 1) * lq];
         let mask = self.mask;
@@ -300,16 +316,9 @@ impl<E: Float> Inputs<'_, E> {
             return;
         }
         let par = gemm::Parallelism::None;
+        // S = Q K^T (recomputed) into p
+        self.scores(qb, kb, r0, rows, kmax, p);
         unsafe {
-            // S = Q K^T (recomputed) into p
-            mm(
-                (rows, kmax, dz),
-                (p.as_mut_ptr(), kmax, 1),
-                false,
-                (qb.as_ptr().add(r0 * dz), dz, 1),
-                (kb.as_ptr(), 1, dz),
-                par,
-            );
             // dP = dO V^T into ds
             mm(
                 (rows, kmax, dv),
