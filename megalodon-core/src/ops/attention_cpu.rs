@@ -20,7 +20,10 @@
 //! Rows without any visible key produce zeros and pass zero gradients.
 
 use super::block_attention::{BlockMask, Blocks};
-use super::host::{add_into, contiguous, mm, out_buf, recycle, scratch, scratch_any, values};
+use super::host::{
+    add_into, contiguous, mm, out_buf, recycle, release_grad, restore_grad, scratch, scratch_any,
+    take_grad, values,
+};
 use super::simd::exp_in_place;
 use crate::util::Float;
 use anyhow::{ensure, Result};
@@ -106,45 +109,19 @@ where
         let sizes = [qv.len(), kv.len(), vv.len()];
         tape.add_backward_op(move |grads| {
             // Move the buffers out of `grads` (no copies) so that dO can be read while the three
-            // input gradients are written. An input whose gradient entry is already taken is the
-            // same tensor as an earlier one: it gets a scratch buffer that is added afterwards.
-            let go = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-            assert_eq!(
-                go.len(),
-                bn * H * lq * dv,
-                "block attention: output gradient length"
-            );
-            let mut bufs = Vec::with_capacity(3);
-            for (g, n) in [(&qg, sizes[0]), (&kg, sizes[1]), (&vg, sizes[2])] {
-                let b = std::mem::take(&mut **grads.get_or_alloc_mut(g)?);
-                bufs.push(if b.len() == n {
-                    (b, true)
-                } else {
-                    assert!(b.is_empty(), "block attention: input gradient length");
-                    (scratch(n), false)
-                });
-            }
-            let [(mut dq, oq), (mut dk, ok), (mut dvv, ov)]: [(Vec<E>, bool); 3] =
-                bufs.try_into().expect("three buffers");
+            // input gradients are written; an input that is the same tensor as an earlier one
+            // gets a scratch buffer that is added when the buffers are put back.
+            let go = take_grad!(grads, og, bn * H * lq * dv);
+            let mut dq = take_grad!(grads, qg, sizes[0]);
+            let mut dk = take_grad!(grads, kg, sizes[1]);
+            let mut dvv = take_grad!(grads, vg, sizes[2]);
             backward(
-                dims, &qv, &kv, &vv, &go, &lse, &mask, &mut dq, &mut dk, &mut dvv,
+                dims, &qv, &kv, &vv, &go.0, &lse, &mask, &mut dq.0, &mut dk.0, &mut dvv.0,
             );
-            // nothing reads dO again: back to dfdx's cache for the gradients below
-            super::host::give_to_dfdx(&dev, go);
-            let mut later = Vec::new();
-            for (g, b, owned) in [(&qg, dq, oq), (&kg, dk, ok), (&vg, dvv, ov)] {
-                if owned {
-                    **grads.get_or_alloc_mut(g)? = b;
-                } else {
-                    later.push((g, b));
-                }
-            }
-            for (g, b) in later {
-                let buf = grads.get_or_alloc_mut(g)?;
-                assert_eq!(buf.len(), b.len(), "block attention: input gradient length");
-                buf.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
-                recycle(b);
-            }
+            release_grad!(dev, go);
+            restore_grad!(grads, qg, dq);
+            restore_grad!(grads, kg, dk);
+            restore_grad!(grads, vg, dvv);
             for v in [qv, kv, vv] {
                 recycle(v);
             }
