@@ -190,24 +190,33 @@ pub fn grads_to_host<E: Float, D: Device<E>, M: Params<E, D>>(
 }
 
 /// Global L2 norm of the gradients of every parameter of `model` (accumulated in f64 over the
-/// per-parameter sums of squares).
+/// per-parameter sums of squares). The sums stay on the device until one copy of all of them at
+/// the end: one device-to-host transfer per step, not one per parameter.
 pub fn grad_norm<E: Float, D: Device<E>, M: Params<E, D>, G: GradSource<E, D>>(
     model: &mut M,
     grads: &mut G,
 ) -> Result<f64> {
-    struct Norm<'a, G>(&'a mut G, f64);
-    impl<E: Float, D: Device<E>, G: GradSource<E, D>> ParamVisitor<E, D> for Norm<'_, G> {
+    struct Norm<'a, G, E: Dtype, D: Device<E>>(&'a mut G, Vec<Tensor<Rank0, E, D>>);
+    impl<E: Float, D: Device<E>, G: GradSource<E, D>> ParamVisitor<E, D> for Norm<'_, G, E, D> {
         fn visit<S: Shape>(&mut self, name: &str, t: &mut Tensor<S, E, D>) -> Result<()> {
             let g = self.0.grad(name, t)?;
             let n = g.shape().num_elements();
-            let s = g.reshape_like(&(n,)).square().sum::<Rank0, _>();
-            self.1 += s.as_vec()[0].to_f64().unwrap_or(f64::NAN);
+            self.1
+                .push(g.reshape_like(&(n,)).square().sum::<Rank0, _>());
             Ok(())
         }
     }
-    let mut v = Norm(grads, 0.0);
+    let mut v = Norm(grads, Vec::new());
     model.visit_params("", &mut v)?;
-    Ok(v.1.sqrt())
+    if v.1.is_empty() {
+        return Ok(0.0);
+    }
+    let sums = v.1.stack().as_vec();
+    Ok(sums
+        .iter()
+        .map(|s| s.to_f64().unwrap_or(f64::NAN))
+        .sum::<f64>()
+        .sqrt())
 }
 
 /// torch's `clip_grad_norm_` factor: `max_norm / (norm + 1e-6)` when that is below 1, else 1.

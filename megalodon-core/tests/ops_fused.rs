@@ -302,13 +302,14 @@ fn rms_and_layer_norm_match_composed() {
     });
 }
 
-/// TimestepNorm of `x (2, 5, 8)` in 2 groups, fresh or continuing a carried state.
-fn timestep_case(imp: Imp, carried: bool) -> Res {
+/// TimestepNorm of `x (2, 5, 8)` in 2 groups, fresh or continuing a carried state with these
+/// per-row counts (equal counts take the composed op's scalar path, unequal ones its table).
+fn timestep_case(imp: Imp, carried: Option<[usize; 2]>) -> Res {
     let x: X<8> = seq(17);
     let w = param(18, Rank1::<8>::default());
     let b = param(19, Rank1::<8>::default());
-    let state = carried.then(|| NormState::<2, f64, Cpu, Tp> {
-        count: vec![3, 7],
+    let state = carried.map(|count| NormState::<2, f64, Cpu, Tp> {
+        count: count.to_vec(),
         mean: param(20, (B, Const::<2>)).retaped(),
         var: param(21, (B, Const::<2>)).retaped::<Tp>().abs() + 0.5,
     });
@@ -333,9 +334,12 @@ fn timestep_case(imp: Imp, carried: bool) -> Res {
 
 #[test]
 fn timestep_norm_matches_composed() {
-    same("TimestepNorm", |imp| timestep_case(imp, false));
+    same("TimestepNorm", |imp| timestep_case(imp, None));
     same("TimestepNorm with a carried state", |imp| {
-        timestep_case(imp, true)
+        timestep_case(imp, Some([3, 7]))
+    });
+    same("TimestepNorm with a carried state, equal counts", |imp| {
+        timestep_case(imp, Some([4, 4]))
     });
 }
 

@@ -95,23 +95,35 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> SequenceNorm<M, G, 
         ensure!(t > 0, "SequenceNorm: empty sequence");
         let dev = x.device().clone();
         let gs = M / G;
-        let real = real_steps(pad, b, t)?;
-        let keep: Vec<E> = real.iter().map(|&r| c(if r { 1.0 } else { 0.0 })).collect();
-        let ninv: Vec<E> = real
-            .chunks(t)
-            .map(|row| c(1.0 / row.iter().filter(|&&r| r).count().max(1) as f64))
-            .collect();
-        let keep_t: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(keep, (b, t));
-        let ninv_t: Tensor<(usize,), E, D> = dev.tensor_from_vec(ninv, (b,));
         let shp3 = (b, t, Const::<G>);
         let shp4 = (b, t, Const::<G>, gs);
         let xg = x.reshape_like(&shp4);
-        let k3 = keep_t.clone().broadcast_like::<_, Axis<2>>(&shp3);
-        let mu = xg.retaped::<T>().mean::<_, Axis<3>>() * k3.clone();
-        let m2 = xg.retaped::<T>().square().mean::<_, Axis<3>>() * k3;
-        let ninv2 = ninv_t.broadcast_like::<_, Axis<1>>(&(b, Const::<G>));
-        let mean = mu.sum::<_, Axis<1>>() * ninv2.clone();
-        let var = m2.sum::<_, Axis<1>>() * ninv2 - mean.retaped::<T>().square();
+        let mu = xg.retaped::<T>().mean::<_, Axis<3>>();
+        let m2 = xg.retaped::<T>().square().mean::<_, Axis<3>>();
+        // without padding every step counts: a scalar 1/T, nothing copied to the device
+        let (mean, var, keep_t) = match pad {
+            None => {
+                let ninv = c::<E>(1.0 / t as f64);
+                let mean = mu.sum::<_, Axis<1>>() * ninv;
+                let var = m2.sum::<_, Axis<1>>() * ninv - mean.retaped::<T>().square();
+                (mean, var, None)
+            }
+            Some(_) => {
+                let real = real_steps(pad, b, t)?;
+                let keep: Vec<E> = real.iter().map(|&r| c(if r { 1.0 } else { 0.0 })).collect();
+                let ninv: Vec<E> = real
+                    .chunks(t)
+                    .map(|row| c(1.0 / row.iter().filter(|&&r| r).count().max(1) as f64))
+                    .collect();
+                let keep_t: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(keep, (b, t));
+                let ninv_t: Tensor<(usize,), E, D> = dev.tensor_from_vec(ninv, (b,));
+                let k3 = keep_t.clone().broadcast_like::<_, Axis<2>>(&shp3);
+                let ninv2 = ninv_t.broadcast_like::<_, Axis<1>>(&(b, Const::<G>));
+                let mean = (mu * k3.clone()).sum::<_, Axis<1>>() * ninv2.clone();
+                let var = (m2 * k3).sum::<_, Axis<1>>() * ninv2 - mean.retaped::<T>().square();
+                (mean, var, Some(keep_t))
+            }
+        };
         let rstd = (var + c::<E>(self.eps))
             .sqrt()
             .recip()
@@ -124,7 +136,11 @@ impl<const M: usize, const G: usize, E: Float, D: Device<E>> SequenceNorm<M, G, 
             .bias
             .retaped::<T>()
             .broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
-        Ok((normed * w + bias) * keep_t.broadcast_like::<_, Axis<2>>(&(b, t, Const::<M>)))
+        let y = normed * w + bias;
+        Ok(match keep_t {
+            Some(k) => y * k.broadcast_like::<_, Axis<2>>(&(b, t, Const::<M>)),
+            None => y,
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 //! independent blocks, built from dfdx ops (runs on every device). The fused CPU kernel
 //! (`attention_cpu`) is tested against it through the same test body.
 
+use crate::ops::consts;
 use crate::util::{c, Float};
 use anyhow::{ensure, Result};
 use dfdx::prelude::*;
@@ -54,14 +55,18 @@ pub fn composed_block_attention<const H: usize, E: Float, D: Device<E>, T: Tape<
     let ninf = <E as num_traits::Float>::neg_infinity();
     let s = match (&mask.valid_keys, mask.causal_offset) {
         (None, None) => s,
-        (None, Some(_)) => {
-            let m: Vec<E> = (0..lq)
-                .flat_map(|i| (0..lk).map(move |j| (i, j)))
-                .map(|(i, j)| if mask.allows(0, i, j) { c(0.0) } else { ninf })
-                .collect();
-            let m: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(m, (lq, lk));
+        (None, Some(off)) => {
+            // a constant of (lq, lk, offset), built once
+            let m: Tensor<(usize, usize), E, D> =
+                consts::tensor(&dev, "attention.causal", &[off as u64], (lq, lk), || {
+                    (0..lq)
+                        .flat_map(|i| (0..lk).map(move |j| (i, j)))
+                        .map(|(i, j)| if mask.allows(0, i, j) { c(0.0) } else { ninf })
+                        .collect()
+                });
             s + m.broadcast_like::<_, Axes2<0, 1>>(&shape)
         }
+        // padding: the mask is data, copied per call
         (Some(_), _) => {
             let mut m = Vec::with_capacity(bn * lq * lk);
             for b in 0..bn {

@@ -21,6 +21,7 @@
 
 #![allow(clippy::type_complexity)] // (re, im) pairs of tensors with spelled-out shapes
 
+use crate::ops::consts as op_consts;
 use crate::params::{join, ParamVisitor, Params};
 use crate::util::{c, Float};
 use dfdx::prelude::*;
@@ -171,16 +172,26 @@ impl<const M: usize, const N: usize, E: Float, D: Device<E>> MultiHeadComplexEma
             .reshape_like(&(Const::<M>,))
             .sigmoid()
             * c::<E>(2.0 * std::f64::consts::PI / N as f64);
-        let ks = dev.tensor_from_vec((1..=N).map(|k| c::<E>(k as f64)).collect(), (Const::<N>,));
+        let ks: Tensor<Rank1<N>, E, D> =
+            op_consts::tensor(&dev, "cema.k", &[], (Const::<N>,), || {
+                (1..=N).map(|k| c::<E>(k as f64)).collect()
+            });
         let ang = phi.broadcast::<Rank2<M, N>, Axis<1>>() * ks.broadcast::<Rank2<M, N>, Axis<0>>();
         let ang = ang.reshape_like(&(ch,));
         // eta = (gamma[..,0] + i gamma[..,1]) / sqrt(N), via (C, 2) @ (2,)
         let s = 1.0 / (N as f64).sqrt();
         let g = |v: [f64; 2]| {
+            let sel: Tensor<Rank1<2>, E, D> = op_consts::tensor(
+                &dev,
+                "cema.eta",
+                &op_consts::bits(&v),
+                (Const::<2>,),
+                || v.map(c::<E>).to_vec(),
+            );
             self.gamma
                 .retaped::<T>()
                 .reshape_like(&(ch, Const::<2>))
-                .matmul(dev.tensor(v.map(c::<E>)))
+                .matmul(sel)
         };
         let eta_re = g([s, 0.0]);
         let eta_im = g([0.0, s]);
@@ -284,13 +295,13 @@ impl<const M: usize, const N: usize, E: Float, D: Device<E>> MultiHeadComplexEma
                 .broadcast_like::<_, Axis<1>>(&(Const::<M>, c))
                 * consts::<E, D>(&dev, &e0).broadcast_like::<_, Axis<0>>(&(Const::<M>, c));
         // Toeplitz LT[d, t, s] = w[d, t - s] for t >= s; (M, c, c).
-        let sel = toeplitz_selector::<E, D>(
-            &dev,
-            c,
-            c,
-            c,
-            |t, s| if t >= s { Some(t - s) } else { None },
-        );
+        let sel = toeplitz_selector::<E, D>(&dev, "cema.toeplitz_lower", c, c, c, |t, s| {
+            if t >= s {
+                Some(t - s)
+            } else {
+                None
+            }
+        });
         let lt = w.matmul(sel).reshape_like(&(Const::<M>, c, c));
         let y_loc = lt.matmul(xt.retaped::<T>()); // (M, c, B L)
 
@@ -422,8 +433,9 @@ impl<const M: usize, const N: usize, E: Float, D: Device<E>> MultiHeadComplexEma
         let (b, t, _) = *u.shape();
         let dev = u.device().clone();
         let rev = || -> Tensor<(usize, usize), usize, D> {
-            let v: Vec<usize> = (0..b).flat_map(|_| (0..t).rev()).collect();
-            dev.tensor_from_vec(v, (b, t))
+            op_consts::indices::<_, E, _>(&dev, "cema.reverse", &[], (b, t), || {
+                (0..b).flat_map(|_| (0..t).rev()).collect()
+            })
         };
         let ur: Tensor<(usize, usize, Const<M>), E, D, T> = u.gather(rev());
         let (y, _) = self.try_forward_chunked(ur, None, false, chunk, state_chunk)?;
@@ -486,9 +498,11 @@ fn share<S: Shape, E: Dtype, D: Storage<E>, T: Tape<E, D>>(
     x
 }
 
-/// Constant (len,) tensor from f64 values.
+/// Constant (len,) tensor from f64 values (cached, see [`op_consts`]).
 fn consts<E: Float, D: Device<E>>(dev: &D, v: &[f64]) -> Tensor<(usize,), E, D> {
-    dev.tensor_from_vec(v.iter().map(|&x| c::<E>(x)).collect(), (v.len(),))
+    op_consts::tensor(dev, "cema.values", &op_consts::bits(v), (v.len(),), || {
+        v.iter().map(|&x| c::<E>(x)).collect()
+    })
 }
 
 /// Complex powers `q^j = exp(j ln|q|) (cos j ang, sin j ang)` for channels (C,) and a table of
@@ -521,23 +535,27 @@ fn pow_table<E: Float, D: Device<E>, T: Tape<E, D>>(
 
 /// Constant 0/1 matrix (L, rows*cols) that turns a table `w` (C, L) into a Toeplitz matrix by
 /// `w @ sel` reshaped to (C, rows, cols): entry (r, k) is `w[f(r, k)]` where `f` gives the index
-/// or `None` for a structural zero.
+/// or `None` for a structural zero. `kind` names `f` for the constant cache: one `kind`, one `f`.
 fn toeplitz_selector<E: Float, D: Device<E>>(
     dev: &D,
+    kind: &'static str,
     len: usize,
     rows: usize,
     cols: usize,
     f: impl Fn(usize, usize) -> Option<usize>,
 ) -> Tensor<(usize, usize), E, D> {
-    let mut v = vec![E::zero(); len * rows * cols];
-    for r in 0..rows {
-        for k in 0..cols {
-            if let Some(j) = f(r, k) {
-                v[j * rows * cols + r * cols + k] = E::one();
+    let dims = [len, rows, cols].map(|d| d as u64);
+    op_consts::tensor(dev, kind, &dims, (len, rows * cols), || {
+        let mut v = vec![E::zero(); len * rows * cols];
+        for r in 0..rows {
+            for k in 0..cols {
+                if let Some(j) = f(r, k) {
+                    v[j * rows * cols + r * cols + k] = E::one();
+                }
             }
         }
-    }
-    dev.tensor_from_vec(v, (len, rows * cols))
+        v
+    })
 }
 
 /// Chunk-state outputs of [`scan_exclusive`]: (prev_re, prev_im) (C, R, L) and (fin_re, fin_im) (C, R).
@@ -569,7 +587,7 @@ fn scan_exclusive<E: Float, D: Device<E>, T: Tape<E, D>>(
         // K[s, t] = a^(t-1-s) for t > s, t in 0..=L; shape (C, L, L+1).
         let js: Vec<f64> = (0..l).map(|j| (j * stride) as f64).collect();
         let (pr, pi) = pow_table::<E, D, T>(lnr, ang, &js, None); // (C, L)
-        let sel = toeplitz_selector::<E, D>(&dev, l, l, l + 1, |s, t| {
+        let sel = toeplitz_selector::<E, D>(&dev, "cema.toeplitz_strict", l, l, l + 1, |s, t| {
             if t > s {
                 Some(t - 1 - s)
             } else {

@@ -3,6 +3,7 @@
 //! these unless it overrides them in [`crate::device::MegaDevice`] (the CPU does, with the fused
 //! kernels of [`super::gates_cpu`], tested against these through one test body).
 
+use crate::ops::consts;
 use crate::util::{c, Float, Seq};
 use dfdx::prelude::*;
 
@@ -89,7 +90,13 @@ pub fn composed_qk_norm<const ZW: usize, const H: usize, E: Float, D: Device<E>,
     let scale = c::<E>(1.0 / (dz as f64).sqrt());
     let row = |p: &Tensor<Rank2<2, ZW>, E, D>, i: usize| {
         p.retaped::<T>()
-            .select(dev.tensor(i))
+            .select(consts::indices::<_, E, _>(
+                &dev,
+                "gates.row",
+                &[i as u64],
+                (),
+                || vec![i],
+            ))
             .broadcast_like::<_, Axes2<0, 1>>(&shape)
     };
     let q = zn.retaped::<T>() * ((row(gamma, 0) + c::<E>(1.0)) * scale) + row(beta, 0);

@@ -98,7 +98,7 @@ pub(crate) fn scratch_any<E: Float + Send>(n: usize) -> Vec<E> {
 }
 
 /// Drops every buffer the scratch pool holds (the training loop calls it when training ends).
-pub fn release_pool() {
+pub(crate) fn release_pool() {
     let mut p = POOL.lock().unwrap_or_else(|e| e.into_inner());
     p.bufs.clear();
     p.bytes = 0;

@@ -7,6 +7,7 @@ pub mod attention_cpu;
 pub mod block_attention;
 pub mod cema;
 pub mod cema_cpu;
+pub mod consts;
 pub mod gates;
 pub mod gates_cpu;
 pub(crate) mod host;
@@ -17,6 +18,10 @@ pub mod scan;
 pub mod simd;
 pub mod timestep_norm;
 
-/// Empties the CPU kernels' scratch pool (host buffers kept between training steps); `fit` calls
-/// it when training ends. A custom training loop may call it when it is done.
-pub use host::release_pool;
+/// Empties the CPU kernels' scratch pool (host buffers kept between training steps) and this
+/// thread's cache of composed-op constants ([`consts`]); `fit` calls it when training ends. A
+/// custom training loop may call it when it is done.
+pub fn release_pool() {
+    host::release_pool();
+    consts::clear();
+}

@@ -2,6 +2,7 @@
 //! (`docs/design.md`, "Chunked attention and RoPE"): the tables and the composed dfdx op (the
 //! CPU kernel is `ops::gates_cpu::rope`).
 
+use crate::ops::consts;
 use crate::util::{c, Float, Heads};
 use dfdx::prelude::*;
 
@@ -54,6 +55,22 @@ impl Rope {
         (cs, sn)
     }
 
+    /// The cache key of the tables at `positions`: the positions (a run `start..start+len` as
+    /// two numbers) and the frequencies' bits.
+    fn key(&self, positions: &[usize]) -> Vec<u64> {
+        let run = positions.windows(2).all(|w| w[1] == w[0] + 1);
+        let mut k = Vec::with_capacity(self.freqs.len() + 3);
+        if run {
+            k.extend([0, positions.first().map_or(0, |&p| p as u64 + 1)]);
+        } else {
+            k.push(1);
+            k.extend(positions.iter().map(|&p| p as u64));
+        }
+        k.push(u64::MAX);
+        k.extend(self.freqs.iter().map(|f| u64::from(f.to_bits())));
+        k
+    }
+
     /// Rotates `x (B, T, H, dz)`; `positions` has length T (within-chunk positions). The
     /// composed reference: element products with the tables plus a pair-swap matrix product.
     pub fn apply<const H: usize, E: Float, D: Device<E>, T: Tape<E, D>>(
@@ -63,16 +80,26 @@ impl Rope {
     ) -> Heads<H, E, D, T> {
         let (b, t, _, dz) = *x.shape();
         let dev = x.device().clone();
-        let (cs, sn) = self.tables::<E>(positions);
-        let cs: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(cs, (t, dz));
-        let sn: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(sn, (t, dz));
+        // the tables and the swap matrix are constants of (positions, freqs): built once
+        let key = self.key(positions);
+        let cs: Tensor<(usize, usize), E, D> =
+            consts::tensor(&dev, "rope.cos", &key, (t, dz), || {
+                self.tables::<E>(positions).0
+            });
+        let sn: Tensor<(usize, usize), E, D> =
+            consts::tensor(&dev, "rope.sin", &key, (t, dz), || {
+                self.tables::<E>(positions).1
+            });
         // swap matrix: (x P)[2j] = x[2j+1], (x P)[2j+1] = x[2j]
-        let mut p = vec![c::<E>(0.0); dz * dz];
-        for j in 0..dz / 2 {
-            p[(2 * j + 1) * dz + 2 * j] = c(1.0);
-            p[(2 * j) * dz + 2 * j + 1] = c(1.0);
-        }
-        let p: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(p, (dz, dz));
+        let p: Tensor<(usize, usize), E, D> =
+            consts::tensor(&dev, "rope.swap", &[], (dz, dz), || {
+                let mut p = vec![c::<E>(0.0); dz * dz];
+                for j in 0..dz / 2 {
+                    p[(2 * j + 1) * dz + 2 * j] = c(1.0);
+                    p[(2 * j) * dz + 2 * j + 1] = c(1.0);
+                }
+                p
+            });
         let shape = (b, t, Const::<H>, dz);
         let swapped = x
             .retaped::<T>()

@@ -7,6 +7,7 @@
 //! with the cumulative sums done by the linear-cost [`cumsum_time`].
 
 use super::scan::cumsum_time;
+use crate::ops::consts;
 use crate::util::{c, Float, Seq};
 use anyhow::{ensure, Result};
 use dfdx::prelude::*;
@@ -101,39 +102,67 @@ pub fn composed_timestep_norm<
             (e.count, e.mean.retaped::<T>(), e.var.retaped::<T>())
         }
     };
-    // host-side step counts n_t (depend only on the mask)
+    // step counts n_t (depend only on the carried counts and the mask). Without padding and
+    // with one carried count c0 for the whole batch, 1/n_t = 1/(c0 + t + 1) comes from a cached
+    // (T,) ramp and a scalar: nothing is copied to the device. Otherwise the (B, T) table is
+    // built on the host (the mask is data).
     let real = real_steps(pad, b, t)?;
-    let keep: Vec<E> = real.iter().map(|&r| c(if r { 1.0 } else { 0.0 })).collect();
-    let mut ninv = vec![c::<E>(0.0); b * t];
     let mut final_count = count0.clone();
-    for bi in 0..b {
-        let mut n = count0[bi];
-        for ti in 0..t {
-            n += usize::from(real[bi * t + ti]);
-            ninv[bi * t + ti] = c(1.0 / n.max(1) as f64);
-        }
-        final_count[bi] = n;
+    for (bi, n) in final_count.iter_mut().enumerate() {
+        *n += real[bi * t..(bi + 1) * t].iter().filter(|&&r| r).count();
     }
-    let keep_t: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(keep, (b, t));
-    let ninv_t: Tensor<(usize, usize), E, D> = dev.tensor_from_vec(ninv, (b, t));
-    let n0: Vec<E> = count0.iter().map(|&n| c(n as f64)).collect();
-    let n0_t: Tensor<(usize,), E, D> = dev.tensor_from_vec(n0, (b,));
+    let uniform = count0.windows(2).all(|w| w[0] == w[1]);
+    let c0 = count0.first().copied().unwrap_or(0);
+    let shp2 = (b, t);
+    let ninv_t: Tensor<(usize, usize), E, D> = if pad.is_none() && uniform {
+        let ramp: Tensor<(usize,), E, D> =
+            consts::tensor(&dev, "timestep_norm.ramp", &[], (t,), || {
+                (1..=t).map(|i| c(i as f64)).collect()
+            });
+        (ramp + c::<E>(c0 as f64))
+            .recip()
+            .broadcast_like::<_, Axis<0>>(&shp2)
+    } else {
+        let mut ninv = vec![c::<E>(0.0); b * t];
+        for bi in 0..b {
+            let mut n = count0[bi];
+            for ti in 0..t {
+                n += usize::from(real[bi * t + ti]);
+                ninv[bi * t + ti] = c(1.0 / n.max(1) as f64);
+            }
+        }
+        dev.tensor_from_vec(ninv, shp2)
+    };
+    let keep_t: Option<Tensor<(usize, usize), E, D>> = pad.map(|_| {
+        let keep = real.iter().map(|&r| c(if r { 1.0 } else { 0.0 })).collect();
+        dev.tensor_from_vec(keep, shp2)
+    });
     let shp3 = (b, t, Const::<G>);
 
     // per-step group moments (B, T, G)
     let xg = x.reshape_like(&(b, t, Const::<G>, gs));
     let mu = xg.retaped::<T>().mean::<_, Axis<3>>();
     let m2 = xg.retaped::<T>().square().mean::<_, Axis<3>>();
-    let (mu, m2) = if pad.is_some() {
-        let k = keep_t.clone().broadcast_like::<_, Axis<2>>(&shp3);
-        (mu * k.clone(), m2 * k)
-    } else {
-        (mu, m2)
+    let (mu, m2) = match &keep_t {
+        Some(keep) => {
+            let k = keep.clone().broadcast_like::<_, Axis<2>>(&shp3);
+            (mu * k.clone(), m2 * k)
+        }
+        None => (mu, m2),
     };
     // carried prefix sums (B, G)
-    let n0g = n0_t.broadcast_like::<_, Axis<1>>(&(b, Const::<G>));
-    let p1 = mean0.retaped::<T>() * n0g.clone();
-    let p2 = (var0 + mean0.square()) * n0g;
+    let (p1, p2) = if uniform {
+        let n0 = c::<E>(c0 as f64);
+        (mean0.retaped::<T>() * n0, (var0 + mean0.square()) * n0)
+    } else {
+        let n0: Vec<E> = count0.iter().map(|&n| c(n as f64)).collect();
+        let n0_t: Tensor<(usize,), E, D> = dev.tensor_from_vec(n0, (b,));
+        let n0g = n0_t.broadcast_like::<_, Axis<1>>(&(b, Const::<G>));
+        (
+            mean0.retaped::<T>() * n0g.clone(),
+            (var0 + mean0.square()) * n0g,
+        )
+    };
     let s1 = cumsum_time(mu) + p1.broadcast_like::<_, Axis<1>>(&shp3);
     let s2 = cumsum_time(m2) + p2.broadcast_like::<_, Axis<1>>(&shp3);
     let ninv3 = ninv_t.broadcast_like::<_, Axis<2>>(&shp3);
@@ -141,7 +170,10 @@ pub fn composed_timestep_norm<
     let var_t = s2 * ninv3 - mean_t.retaped::<T>().square();
 
     // state after the last step
-    let last: Tensor<(usize,), usize, D> = dev.tensor_from_vec(vec![t - 1; b], (b,));
+    let last: Tensor<(usize,), usize, D> =
+        consts::indices::<_, E, _>(&dev, "timestep_norm.last", &[t as u64], (b,), || {
+            vec![t - 1; b]
+        });
     let mean_last = mean_t.retaped::<T>().select(last.clone());
     let var_last = var_t.retaped::<T>().select(last);
 
@@ -158,8 +190,8 @@ pub fn composed_timestep_norm<
         .retaped::<T>()
         .broadcast_like::<_, Axes2<0, 1>>(&(b, t, Const::<M>));
     let mut y = normed * w + bias;
-    if pad.is_some() {
-        y = y * keep_t.broadcast_like::<_, Axis<2>>(&(b, t, Const::<M>));
+    if let Some(keep) = keep_t {
+        y = y * keep.broadcast_like::<_, Axis<2>>(&(b, t, Const::<M>));
     }
     Ok((
         y,
