@@ -16,7 +16,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use dfdx::prelude::*;
-use megalodon_core::engine::cuda::CudaEngine;
+use megalodon_core::engine::cuda::{CudaEngine, Precision};
 use megalodon_core::engine::{Engine, StreamBackend, Want};
 use megalodon_core::presets::Small;
 use rand::{Rng, SeedableRng};
@@ -44,6 +44,9 @@ struct Args {
     /// Weight-only int8 quantisation of the CPU engine.
     #[arg(long)]
     int8: bool,
+    /// bf16 weights and matrix-product inputs on the CUDA engine (with `--device cuda`).
+    #[arg(long)]
+    bf16: bool,
     /// Random seed (weights and tokens).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -122,6 +125,10 @@ fn main() -> Result<()> {
         !(cuda && a.int8),
         "--int8 is a CPU option: the CUDA engine runs f32 weights"
     );
+    ensure!(
+        !a.bf16 || cuda,
+        "--bf16 is a CUDA option: add --device cuda (the CPU engine has --int8)"
+    );
     ensure!(a.tokens >= 1000, "--tokens must be at least 1000");
     let dev = Cpu::default();
     let conf = Small::<f32, Cpu>::default_conf(a.chunk, VOCAB);
@@ -132,7 +139,12 @@ fn main() -> Result<()> {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x5eed);
     let gpu = if cuda {
-        Some(CudaEngine::new(&engine, 0).context("--device cuda")?)
+        let precision = if a.bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        Some(CudaEngine::with_precision(&engine, 0, precision).context("--device cuda")?)
     } else {
         None
     };
@@ -153,8 +165,14 @@ fn main() -> Result<()> {
         "Small (4 layers, D 256, Z 64, V 512, F 688, N 16, chunk {}), vocabulary {VOCAB}, {}, batch 1, {where_}; \
          engine weights {:.1} MiB, stream state {state_kib:.0} KiB; one token per step, every token's logits computed",
         a.chunk,
-        if a.int8 { "int8 weights" } else { "f32" },
-        engine.weight_bytes() as f64 / 1048576.0
+        if a.int8 {
+            "int8 weights"
+        } else if a.bf16 {
+            "bf16 products"
+        } else {
+            "f32"
+        },
+        gpu.as_ref().map_or(engine.weight_bytes(), |g| g.weight_bytes()) as f64 / 1048576.0
     );
     println!();
     let (rows, bound) = match &gpu {

@@ -14,6 +14,7 @@ use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use megalodon::cli::{check_device, Bar, TrainFlags};
 use megalodon_core::device::MegaDevice;
+use megalodon_core::engine::cuda::Precision;
 use megalodon_core::nn::model::Rewindow;
 use megalodon_core::plot::{line_plot, Series};
 use megalodon_core::presets::{Small, Tiny};
@@ -162,6 +163,9 @@ struct GenerateArgs {
     /// Weight-only int8 quantisation of the CPU engine (about 4x less weight memory).
     #[arg(long)]
     int8: bool,
+    /// bf16 weights and matrix-product inputs on the CUDA engine (with `--device cuda`).
+    #[arg(long)]
+    bf16: bool,
 }
 
 #[derive(Args, Debug)]
@@ -198,6 +202,9 @@ struct EvalArgs {
     /// Weight-only int8 quantisation of the CPU engine (about 4x less weight memory).
     #[arg(long)]
     int8: bool,
+    /// bf16 weights and matrix-product inputs on the CUDA engine (with `--device cuda`).
+    #[arg(long)]
+    bf16: bool,
 }
 
 #[derive(Args, Debug)]
@@ -381,7 +388,7 @@ fn generate<P: TextModel>(a: &GenerateArgs) -> Result<()> {
     let sampling = a.sample.sampling();
     sampling.validate()?;
     let mut lm = LanguageModel::<P>::load(&a.run)?;
-    engine_flags(&mut lm, a.reference, &a.device, a.int8)?;
+    engine_flags(&mut lm, a.reference, &a.device, a.int8, a.bf16)?;
     print!("{}", a.prompt);
     std::io::stdout().flush().ok();
     let g = lm.generate(&a.prompt, a.tokens, &sampling, |t| {
@@ -403,28 +410,34 @@ fn generate<P: TextModel>(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--reference`, `--device`, `--int8` of `generate` and `eval`.
+/// `--reference`, `--device`, `--int8`, `--bf16` of `generate` and `eval`.
 fn engine_flags<P: TextModel>(
     lm: &mut LanguageModel<P>,
     reference: bool,
     device: &str,
     int8: bool,
+    bf16: bool,
 ) -> Result<()> {
     lm.use_engine(!reference);
     ensure!(
-        !reference || (device == "cpu" && !int8),
-        "--reference runs the dfdx model on the CPU: drop --device and --int8"
+        !reference || (device == "cpu" && !int8 && !bf16),
+        "--reference runs the dfdx model on the CPU: drop --device, --int8 and --bf16"
     );
     if int8 {
         lm.quantize_int8()?;
     }
-    lm.engine_device(device)?;
+    let precision = if bf16 {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    };
+    lm.engine_device_with(device, precision)?;
     Ok(())
 }
 
 fn eval<P: TextModel>(a: &EvalArgs) -> Result<()> {
     let mut lm = LanguageModel::<P>::load(&a.run)?;
-    engine_flags(&mut lm, a.reference, &a.device, a.int8)?;
+    engine_flags(&mut lm, a.reference, &a.device, a.int8, a.bf16)?;
     if a.rewindow {
         ensure!(
             !a.reference,

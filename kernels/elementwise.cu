@@ -53,3 +53,18 @@ extern "C" __global__ void qk_affine_f32(const float* zn, float* q, float* k, co
         k[i] = v * ks[j] + ko[j];
     }
 }
+
+// out[i] = bf16(x[i]), round to nearest even (NaN stays NaN): the activations a bf16 engine's
+// matrix products read (cuBLAS GemmEx, bf16 x bf16 with f32 accumulation). bf16 is the top half
+// of an f32, so the bits are written as unsigned shorts and no header is needed.
+extern "C" __global__ void to_bf16(const float* x, unsigned short* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        unsigned int b = __float_as_uint(x[i]);
+        if ((b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u) {
+            out[i] = (unsigned short)((b >> 16) | 0x0040u);
+        } else {
+            b += 0x7fffu + ((b >> 16) & 1u);
+            out[i] = (unsigned short)(b >> 16);
+        }
+    }
+}

@@ -16,7 +16,8 @@
 # 6. the streaming engine's CUDA backend: NVRTC compiles kernels/*.cu, the engine tests (CUDA
 #    against the dfdx model and the golden logits, the same bodies as the CPU's), and
 #    `bench_stream --device cuda` over STREAM_TOKENS tokens (default 50000; the 1M-token figure
-#    needs STREAM_TOKENS=1000000, a larger BUDGET and a device call of its own).
+#    needs STREAM_TOKENS=1000000, a larger BUDGET and a device call of its own), then 20000
+#    tokens with bf16 products (`--bf16`).
 # Every step has its own time limit, and a step that could pass the whole script's budget
 # (BUDGET, 470 s) is reported NOT RUN instead of started: the script stays under 8 minutes.
 # The streaming-engine steps (6) run right after the core tests.
@@ -114,6 +115,8 @@ MEGALODON_REQUIRE_NVRTC=1 run "kernels/*.cu compile with NVRTC" 30 "$B/test-kern
 run "streaming engine on CUDA vs dfdx and golden" 60 "$B/test-engine" --nocapture --test-threads=1
 run "bench_stream --device cuda (${STREAM_TOKENS:-50000} tokens)" 90 "$B/bench_stream" \
     --device cuda --tokens "${STREAM_TOKENS:-50000}" --dfdx-tokens 1000
+run "bench_stream --device cuda --bf16 (20000 tokens)" 45 "$B/bench_stream" \
+    --device cuda --bf16 --tokens 20000 --dfdx-tokens 0
 run "bench Small 4K/32K/128K" 90 "$B/bench_scaling" --device cuda --preset small \
     --lengths 4096,32768,131072 --chunk 2048 --max-transformer-len 32768
 run "bench Mega200M 4K/32K/128K" 100 "$B/bench_scaling" --device cuda --preset mega200m \

@@ -5,10 +5,11 @@
 //! Tolerance: 1e-4 in f32. The CUDA tests skip with a message where no GPU is present.
 
 use dfdx::prelude::*;
-use megalodon_core::engine::cuda::CudaEngine;
+use megalodon_core::engine::cuda::{bf16_bits, round_bf16, CudaEngine, Precision};
 use megalodon_core::engine::{Engine, StreamBackend, Want};
 use megalodon_core::golden::{load_params, max_abs_diff, Golden};
 use megalodon_core::nn::model::Rewindow;
+use megalodon_core::params::{ParamVisitor, Params};
 use megalodon_core::presets::Tiny;
 use megalodon_core::util::time_slice;
 use megalodon_core::ModelConf;
@@ -339,4 +340,112 @@ fn int8_weights_track_the_f32_engine() {
     // a state of the f32 engine is refused
     let err = q.feed(&mut sf, &[1], Want::All, |_, _| {}).unwrap_err();
     assert!(format!("{err:#}").contains("another model"), "{err:#}");
+}
+
+/// Logits of a bf16 engine may differ from the f32 engine's by this fraction of the largest
+/// |logit| (`docs/engine.md`, bf16).
+const BF16_TOL: f64 = 0.03;
+
+#[test]
+fn bf16_rounding_is_round_to_nearest_even() {
+    assert_eq!(bf16_bits(1.0), 0x3f80);
+    assert_eq!(bf16_bits(-2.0), 0xc000);
+    // exactly halfway: to the even neighbour, down from 1 + 2^-8 and up from 1 + 3 * 2^-8
+    assert_eq!(bf16_bits(1.0 + 2f32.powi(-8)), 0x3f80);
+    assert_eq!(bf16_bits(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+    // above halfway rounds up
+    assert_eq!(bf16_bits(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 0x3f81);
+    assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+    assert!(round_bf16(f32::NAN).is_nan());
+    // the largest finite f32 rounds to infinity, as in IEEE round-to-nearest
+    assert_eq!(bf16_bits(f32::MAX), 0x7f80);
+    for x in [0.1f32, -3.7, 1e-20, 6.5e4] {
+        let r = round_bf16(x);
+        assert!(((r - x) / x).abs() <= 2f32.powi(-9), "{x} -> {r}");
+    }
+}
+
+/// What rounding to bf16 alone does to the logits, measured on the CPU: every parameter of a
+/// random `Tiny` rounded to bf16 (more than the bf16 engine rounds: it keeps the norms and CEMA
+/// in f32) must move the logits, by well under the bf16 tolerance, which also has to cover the
+/// rounding of the products' inputs.
+#[test]
+fn bf16_weights_stay_within_the_bf16_tolerance_on_the_cpu() {
+    struct Round;
+    impl ParamVisitor<f32, Cpu> for Round {
+        fn visit<S: Shape>(&mut self, _: &str, t: &mut Tensor<S, f32, Cpu>) -> anyhow::Result<()> {
+            let v: Vec<f32> = t.as_vec().into_iter().map(round_bf16).collect();
+            t.copy_from(&v);
+            Ok(())
+        }
+    }
+    let (mut m, conf) = random_tiny(16, 97, 5);
+    let e = Engine::from_model(&mut m, &conf).unwrap();
+    m.visit_params("", &mut Round).unwrap();
+    let r = Engine::from_model(&mut m, &conf).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let t = 100;
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
+    let want = stream(&e, &mut e.new_state(t).unwrap(), &toks, &[t]);
+    let got = stream(&r, &mut r.new_state(t).unwrap(), &toks, &[t]);
+    assert!(want.iter().all(|x| x.is_finite()), "non-finite f32 logits");
+    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    let d = max_abs_diff(&got, &want);
+    println!(
+        "bf16-rounded weights vs f32 (CPU): max|diff| = {d:.3e} = {:.4} of max|logit| {spread:.3}",
+        d / spread
+    );
+    assert!(d > 1e-6 && d < 0.5 * BF16_TOL * spread, "{d} vs {spread}");
+}
+
+/// The bf16 CUDA engine against the f32 CPU engine: close (within `BF16_TOL` of the largest
+/// |logit|) but not equal, its decode equal to its own prefill, about half the weight bytes of
+/// the f32 CUDA engine. Skips without a GPU.
+#[test]
+fn cuda_bf16_tracks_the_f32_engine() {
+    let (mut m, conf) = random_tiny(16, 97, 5);
+    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let b = match CudaEngine::with_precision(&e, 0, Precision::Bf16) {
+        Ok(b) => b,
+        Err(err) => {
+            println!("SKIPPED: no CUDA engine here ({err:#})");
+            return;
+        }
+    };
+    let f = CudaEngine::new(&e, 0).unwrap();
+    assert_eq!(
+        (b.precision(), f.precision()),
+        (Precision::Bf16, Precision::F32)
+    );
+    let ratio = b.weight_bytes() as f64 / f.weight_bytes() as f64;
+    println!(
+        "bf16 CUDA weights: {} of {} bytes ({ratio:.3})",
+        b.weight_bytes(),
+        f.weight_bytes()
+    );
+    assert!(ratio < 0.75, "bf16 weights take {ratio} of the f32 bytes");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let t = 100;
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
+    let want = stream(&e, &mut e.new_state(t).unwrap(), &toks, &[t]);
+    let prefill = stream(&b, &mut b.new_state(t).unwrap(), &toks, &[t]);
+    let ones = vec![1; t];
+    let decode = stream(&b, &mut b.new_state(1).unwrap(), &toks, &ones);
+    assert!(want.iter().all(|x| x.is_finite()), "non-finite f32 logits");
+    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    let dd = max_abs_diff(&decode, &prefill);
+    let d = max_abs_diff(&prefill, &want);
+    println!(
+        "bf16 CUDA vs f32 CPU: max|diff| = {d:.3e} = {:.4} of max|logit| {spread:.3}; \
+         bf16 decode vs prefill {dd:.3e}",
+        d / spread
+    );
+    assert!(
+        dd < 1e-3 * spread,
+        "bf16 decode differs from prefill by {dd}"
+    );
+    assert!(
+        d > 1e-6 && d < BF16_TOL * spread,
+        "bf16 logits differ from f32 by {d}"
+    );
 }

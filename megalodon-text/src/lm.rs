@@ -40,7 +40,7 @@ use anyhow::{bail, ensure, Context, Result};
 use dfdx::prelude::*;
 use megalodon_core::checkpoint::CONFIG_FILE;
 use megalodon_core::device::MegaDevice;
-use megalodon_core::engine::cuda::{CudaEngine, CudaState};
+use megalodon_core::engine::cuda::{CudaEngine, CudaState, Precision};
 use megalodon_core::engine::{Engine, EngineState, Want};
 use megalodon_core::nn::model::Rewindow;
 use std::path::{Path, PathBuf};
@@ -202,8 +202,18 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
     /// build can use it). An unknown device or a machine without CUDA is an error naming the
     /// `--device` flag.
     pub fn engine_device(&mut self, device: &str) -> Result<&mut Self> {
+        self.engine_device_with(device, Precision::F32)
+    }
+
+    /// [`Self::engine_device`] with the CUDA engine's matrix products in `precision`
+    /// (`Precision::Bf16`: the CLI's `--bf16`, a CUDA option).
+    pub fn engine_device_with(&mut self, device: &str, precision: Precision) -> Result<&mut Self> {
         let ordinal = match device {
             "cpu" => {
+                ensure!(
+                    precision == Precision::F32,
+                    "--bf16 is a CUDA option: add --device cuda (the CPU engine has --int8)"
+                );
                 self.cuda = None;
                 return Ok(self);
             }
@@ -217,7 +227,10 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
             !self.engine.is_int8(),
             "--int8 is a CPU option: the CUDA engine runs f32 weights"
         );
-        self.cuda = Some(CudaEngine::new(&self.engine, ordinal).context("--device cuda")?);
+        self.cuda = Some(
+            CudaEngine::with_precision(&self.engine, ordinal, precision)
+                .context("--device cuda")?,
+        );
         Ok(self)
     }
 
@@ -236,7 +249,14 @@ impl<P: TextModel<D>, D: MegaDevice<f32>> LanguageModel<P, D> {
     pub fn backend_name(&self) -> String {
         match (&self.cuda, self.use_engine) {
             (_, false) => "dfdx forward_stream".into(),
-            (Some(c), true) => format!("streaming engine ({}, f32)", c.device_name),
+            (Some(c), true) => format!(
+                "streaming engine ({}, {})",
+                c.device_name,
+                match c.precision() {
+                    Precision::F32 => "f32",
+                    Precision::Bf16 => "bf16",
+                }
+            ),
             (None, true) => format!(
                 "streaming engine (CPU, {})",
                 if self.engine.is_int8() { "int8" } else { "f32" }

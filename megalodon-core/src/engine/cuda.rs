@@ -6,11 +6,13 @@
 //!
 //! `cudarc` 0.19 loads `libcuda`, `libnvrtc` and `libcublas` (CUDA 13) when first asked: nothing
 //! CUDA is needed to build, and on a machine without them [`CudaEngine::new`] returns an error
-//! (never a panic). f32 throughout; the int8 weights are a CPU option.
+//! (never a panic). f32 throughout, or ([`Precision::Bf16`]) bf16 weights with bf16 inputs to the
+//! matrix products and f32 accumulation; the int8 weights are a CPU option.
 
 use super::{drive, Engine, EngineDims, Lin, RewindowCarry, StreamBackend, Want};
 use crate::nn::state::Rewindow;
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc19::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
 use cudarc19::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc19::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
@@ -39,7 +41,7 @@ const SOURCES: [(&str, &str); 5] = [
 ];
 
 /// Every kernel entry point the engine launches (each defined in one of `kernels/*.cu`).
-pub const KERNELS: [&str; 11] = [
+pub const KERNELS: [&str; 12] = [
     "embed_f32",
     "bias_act_f32",
     "mul_f32",
@@ -51,7 +53,35 @@ pub const KERNELS: [&str; 11] = [
     "cema_f32",
     "rope_cache_f32",
     "chunk_attention_f32",
+    "to_bf16",
 ];
+
+/// The number format of a CUDA engine's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 weights and inputs (cuBLAS `sgemm`, no TF32): the CPU engine's numbers to 1e-4.
+    #[default]
+    F32,
+    /// bf16 weights (half the bytes a decode step reads) and bf16 inputs, f32 accumulation
+    /// (cuBLAS `GemmEx`); everything outside the products (norms, CEMA, attention, the carried
+    /// state) stays f32. Tolerance against f32 in `docs/engine.md`.
+    Bf16,
+}
+
+/// The bf16 bit pattern of `x`: the top half of its f32 bits, rounded to nearest even (NaN stays
+/// NaN), as the `to_bf16` kernel rounds.
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if (b & 0x7f80_0000) == 0x7f80_0000 && (b & 0x007f_ffff) != 0 {
+        return ((b >> 16) | 0x0040) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `x` rounded to bf16 and back: what a bf16 engine's products see of an f32 value.
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(x)) << 16)
+}
 
 /// Threads per block of the row kernels.
 const THREADS: u32 = 256;
@@ -111,10 +141,39 @@ struct Kernels {
     cema: CudaFunction,
     rope_cache: CudaFunction,
     attention: CudaFunction,
+    to_bf16: CudaFunction,
+}
+
+/// A weight matrix on the device, in the engine's precision.
+enum DW {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// A borrowed weight matrix (the tied head borrows the f32 embedding table).
+#[derive(Clone, Copy)]
+enum WRef<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<u16>),
+}
+
+impl DW {
+    fn as_ref(&self) -> WRef<'_> {
+        match self {
+            DW::F32(w) => WRef::F32(w),
+            DW::Bf16(w) => WRef::Bf16(w),
+        }
+    }
+    fn num_bytes(&self) -> usize {
+        match self {
+            DW::F32(w) => w.num_bytes(),
+            DW::Bf16(w) => w.num_bytes(),
+        }
+    }
 }
 
 struct DLin {
-    w: CudaSlice<f32>,
+    w: DW,
     b: Option<CudaSlice<f32>>,
     out: usize,
     inp: usize,
@@ -154,8 +213,10 @@ pub struct CudaEngine {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
+    precision: Precision,
     embed: CudaSlice<f32>,
-    head: Option<CudaSlice<f32>>,
+    /// The output projection; `None`: tied to `embed` (f32 only; a bf16 engine keeps a bf16 copy).
+    head: Option<DW>,
     emb_scale: f32,
     layers: Vec<DLayer>,
     final_w: CudaSlice<f32>,
@@ -196,6 +257,8 @@ struct DScratch {
     u: CudaSlice<f32>,
     u3: CudaSlice<f32>,
     logits: CudaSlice<f32>,
+    /// bf16 copy of a product's input rows (bf16 engines; one element otherwise).
+    xb: CudaSlice<u16>,
     host_toks: Vec<i32>,
     host_logits: Vec<f32>,
 }
@@ -240,6 +303,12 @@ impl CudaEngine {
     /// Uploads `engine`'s (f32) weights to CUDA device `ordinal` and compiles the kernels.
     /// Errors, never panics, where there is no driver, NVRTC, cuBLAS or device.
     pub fn new(engine: &Engine, ordinal: usize) -> Result<Self> {
+        Self::with_precision(engine, ordinal, Precision::F32)
+    }
+
+    /// [`CudaEngine::new`] with the matrix products in `precision` (the weight matrices are
+    /// converted once, on the host, when uploaded).
+    pub fn with_precision(engine: &Engine, ordinal: usize, precision: Precision) -> Result<Self> {
         ensure!(
             !engine.is_int8(),
             "cuda engine: int8 weights are a CPU option; build the CUDA engine from the f32 engine"
@@ -261,10 +330,45 @@ impl CudaEngine {
             blas,
             "no cuBLAS library (libcublas.so.13) found on LD_LIBRARY_PATH"
         );
-        guarded("cuda engine", || Self::build(engine, ordinal))
+        guarded("cuda engine", || Self::build(engine, ordinal, precision))
     }
 
-    fn build(e: &Engine, ordinal: usize) -> Result<Self> {
+    /// The number format of the matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes of the weights on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &DLin| l.w.num_bytes() + l.b.as_ref().map_or(0, |b| b.num_bytes());
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.tn_w, &l.tn_b, &l.p, &l.q_re, &l.q_im, &l.eta_re, &l.eta_im, &l.omega,
+                    &l.rms_w, &l.q_scale, &l.q_off, &l.k_scale, &l.k_off, &l.ln_w, &l.ln_b,
+                ]
+                .iter()
+                .map(|b| b.num_bytes())
+                .sum::<usize>()
+                    + [&l.wz, &l.wv, &l.wr, &l.wh1, &l.wh2, &l.fc1, &l.fc2]
+                        .into_iter()
+                        .chain(l.fc3.as_ref())
+                        .map(lin)
+                        .sum::<usize>()
+                    + l.alpha.as_ref().map_or(0, |a| a.num_bytes())
+            })
+            .sum();
+        layers
+            + self.embed.num_bytes()
+            + self.head.as_ref().map_or(0, DW::num_bytes)
+            + self.final_w.num_bytes()
+            + self.final_b.num_bytes()
+            + self.freqs.num_bytes()
+    }
+
+    fn build(e: &Engine, ordinal: usize, precision: Precision) -> Result<Self> {
         let n = CudaContext::device_count().map_err(|err| anyhow!("CUDA driver: {err:?}"))?;
         ensure!(
             (ordinal as i64) < n as i64,
@@ -305,15 +409,29 @@ impl CudaEngine {
             cema: get("cema_f32")?,
             rope_cache: get("rope_cache_f32")?,
             attention: get("chunk_attention_f32")?,
+            to_bf16: get("to_bf16")?,
         };
         let up = |v: &[f32]| -> Result<CudaSlice<f32>> {
             stream
                 .clone_htod(v)
                 .map_err(|err| anyhow!("uploading weights: {err:?}"))
         };
+        let up_w = |v: &[f32]| -> Result<DW> {
+            Ok(match precision {
+                Precision::F32 => DW::F32(up(v)?),
+                Precision::Bf16 => {
+                    let bits: Vec<u16> = v.iter().map(|&x| bf16_bits(x)).collect();
+                    DW::Bf16(
+                        stream
+                            .clone_htod(&bits)
+                            .map_err(|err| anyhow!("uploading weights: {err:?}"))?,
+                    )
+                }
+            })
+        };
         let lin = |l: &Lin| -> Result<DLin> {
             Ok(DLin {
-                w: up(&l.w)?,
+                w: up_w(&l.w)?,
                 b: l.b.as_deref().map(up).transpose()?,
                 out: l.out,
                 inp: l.inp,
@@ -370,7 +488,12 @@ impl CudaEngine {
             dims: d.clone(),
             id: e.id,
             embed: up(&e.embed.w)?,
-            head: e.head.as_ref().map(|h| up(&h.w)).transpose()?,
+            head: match (&e.head, precision) {
+                (Some(h), _) => Some(up_w(&h.w)?),
+                (None, Precision::F32) => None,
+                (None, Precision::Bf16) => Some(up_w(&e.embed.w)?),
+            },
+            precision,
             emb_scale: e.emb_scale,
             layers,
             final_w: up(&e.final_w)?,
@@ -445,6 +568,17 @@ impl CudaEngine {
                 1
             })?,
             logits: rows(d.vocab)?,
+            xb: match self.precision {
+                Precision::F32 => self.zeros(1)?,
+                Precision::Bf16 => {
+                    let w = [d.m, d.z, d.v, d.f].into_iter().max().unwrap_or(1);
+                    let n = block
+                        .checked_mul(w)
+                        .with_context(|| format!("engine: block {block} x {w} overflows"))?;
+                    i32_of(n, "block x width")?;
+                    self.zeros(n)?
+                }
+            },
             host_toks: vec![0; block],
             host_logits: vec![0.0; block * d.vocab],
         };
@@ -487,7 +621,8 @@ impl CudaEngine {
         .iter()
         .map(|b| b.num_bytes())
         .sum::<usize>()
-            + s.toks.num_bytes();
+            + s.toks.num_bytes()
+            + s.xb.num_bytes();
         let carry: usize = state
             .layers
             .iter()
@@ -541,31 +676,32 @@ impl CudaEngine {
     /// stream itself is untouched): the bound a decode step can approach.
     pub fn time_matvecs(&self, state: &mut CudaState, reps: usize) -> Result<f64> {
         let s = &mut state.s;
-        let one = |dst: &mut CudaSlice<f32>, x: &CudaSlice<f32>, l: &DLin| {
-            self.gemm(dst, x, &l.w, (1, l.out, l.inp), 0.0)
-        };
+        let one =
+            |dst: &mut CudaSlice<f32>, x: &CudaSlice<f32>, l: &DLin, xb: &mut CudaSlice<u16>| {
+                self.gemm(dst, x, l.w.as_ref(), (1, l.out, l.inp), 0.0, xb)
+            };
         self.synchronize()?;
         let t0 = std::time::Instant::now();
         for _ in 0..reps.max(1) {
             for lw in &self.layers {
-                one(&mut s.zq, &s.mx, &lw.wz)?;
-                one(&mut s.vv, &s.xn, &lw.wv)?;
-                one(&mut s.r, &s.mx, &lw.wr)?;
-                one(&mut s.y, &s.mx, &lw.wh1)?;
-                one(&mut s.y, &s.att, &lw.wh2)?;
-                one(&mut s.u, &s.yn, &lw.fc1)?;
+                one(&mut s.zq, &s.mx, &lw.wz, &mut s.xb)?;
+                one(&mut s.vv, &s.xn, &lw.wv, &mut s.xb)?;
+                one(&mut s.r, &s.mx, &lw.wr, &mut s.xb)?;
+                one(&mut s.y, &s.mx, &lw.wh1, &mut s.xb)?;
+                one(&mut s.y, &s.att, &lw.wh2, &mut s.xb)?;
+                one(&mut s.u, &s.yn, &lw.fc1, &mut s.xb)?;
                 if let Some(fc3) = &lw.fc3 {
-                    one(&mut s.u3, &s.yn, fc3)?;
+                    one(&mut s.u3, &s.yn, fc3, &mut s.xb)?;
                 }
-                one(&mut s.xn, &s.u, &lw.fc2)?;
+                one(&mut s.xn, &s.u, &lw.fc2, &mut s.xb)?;
             }
-            let w = self.head.as_ref().unwrap_or(&self.embed);
             self.gemm(
                 &mut s.logits,
                 &s.xn,
-                w,
+                self.head_w(),
                 (1, self.dims.vocab, self.dims.m),
                 0.0,
+                &mut s.xb,
             )?;
         }
         self.synchronize()?;
@@ -640,15 +776,24 @@ impl CudaEngine {
         copy(&fresh.final_norm, &mut state.final_norm)
     }
 
+    /// The output projection: the head, or the tied f32 embedding table.
+    fn head_w(&self) -> WRef<'_> {
+        self.head
+            .as_ref()
+            .map_or(WRef::F32(&self.embed), DW::as_ref)
+    }
+
     /// `dst (t, out) = x (t, inp) W^T` (`beta` 1: accumulate) through cuBLAS: column-major,
-    /// `dst^T = W x^T` with `W` read transposed.
+    /// `dst^T = W x^T` with `W` read transposed. A bf16 `W` first rounds `x` into `xb` (bf16),
+    /// then multiplies bf16 by bf16 with f32 accumulation into the f32 `dst`.
     fn gemm<X: DevicePtr<f32>, D: DevicePtrMut<f32>>(
         &self,
         dst: &mut D,
         x: &X,
-        w: &CudaSlice<f32>,
+        w: WRef<'_>,
         (t, out, inp): (usize, usize, usize),
         beta: f32,
+        xb: &mut CudaSlice<u16>,
     ) -> Result<()> {
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
@@ -662,12 +807,58 @@ impl CudaEngine {
             beta,
             ldc: out as i32,
         };
-        // SAFETY: `w` holds out x inp values, `x` at least t x inp and `dst` t x out (the
-        // scratch rows are block x width and t <= block; checked in `new_state`).
-        unsafe { self.blas.gemm(cfg, w, x, dst) }.map_err(|err| anyhow!("cuBLAS sgemm: {err:?}"))
+        let w = match w {
+            // SAFETY: `w` holds out x inp values, `x` at least t x inp and `dst` t x out (the
+            // scratch rows are block x width and t <= block; checked in `new_state`).
+            WRef::F32(w) => {
+                return unsafe { self.blas.gemm(cfg, w, x, dst) }
+                    .map_err(|err| anyhow!("cuBLAS sgemm: {err:?}"))
+            }
+            WRef::Bf16(w) => w,
+        };
+        let n = t * inp;
+        let ni = n as i32;
+        {
+            let (xp, _rx) = x.device_ptr(&self.stream);
+            let mut a = self.stream.launch_builder(&self.k.to_bf16);
+            a.arg(&xp).arg(&mut *xb).arg(&ni);
+            // SAFETY: `x` holds at least t x inp values and `xb` block x (widest input), t <= block.
+            unsafe { a.launch(cfg_1d(n)) }.map_err(launch_err("to_bf16"))?;
+        }
+        let (alpha, beta) = (1.0f32, beta);
+        let (wp, _rw) = w.device_ptr(&self.stream);
+        let (bp, _rb) = xb.device_ptr(&self.stream);
+        let (cp, _rc) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: as for f32, with `w` out x inp bf16 values and `xb` t x inp; the handle runs on
+        // `self.stream`, the pointers' stream.
+        unsafe {
+            cudarc19::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cfg.transa,
+                cfg.transb,
+                cfg.m,
+                cfg.n,
+                cfg.k,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                cfg.lda,
+                bp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                cfg.ldb,
+                (&beta) as *const f32 as *const _,
+                cp as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                cfg.ldc,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|err| anyhow!("cuBLAS GemmEx (bf16): {err:?}"))
     }
 
     /// `dst = act(x W^T + b)` for `t` rows (`accumulate`: `dst += x W^T`, then `+ b`).
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         dst: &mut CudaSlice<f32>,
@@ -676,19 +867,21 @@ impl CudaEngine {
         t: usize,
         accumulate: bool,
         silu: bool,
+        xb: &mut CudaSlice<u16>,
     ) -> Result<()> {
         self.gemm(
             dst,
             x,
-            &l.w,
+            l.w.as_ref(),
             (t, l.out, l.inp),
             if accumulate { 1.0 } else { 0.0 },
+            xb,
         )?;
         if l.b.is_none() && !silu {
             return Ok(());
         }
         let (has_b, act, ti, out) = (l.b.is_some() as i32, silu as i32, t as i32, l.out as i32);
-        let b = l.b.as_ref().unwrap_or(&l.w);
+        let b = l.b.as_ref().unwrap_or(&self.final_w); // unread without a bias
         let mut a = self.stream.launch_builder(&self.k.bias_act);
         a.arg(dst).arg(b).arg(&has_b).arg(&act).arg(&ti).arg(&out);
         // SAFETY: `dst` holds t x out values and `b` out (or is unread).
@@ -757,7 +950,7 @@ impl CudaEngine {
             unsafe { a.launch(cfg_1d(m)) }.map_err(launch_err("cema_f32"))?;
             self.rms_rows(&mut s.mx, Some(&lw.rms_w), t, m, eps)?;
             // Z -> per-head RMS -> Q, K
-            self.linear(&mut s.zq, &s.mx, &lw.wz, t, false, false)?;
+            self.linear(&mut s.zq, &s.mx, &lw.wz, t, false, false, &mut s.xb)?;
             self.rms_rows(&mut s.zq, None, t * h, dz, eps)?;
             let mut a = st.launch_builder(&self.k.qk_affine);
             a.arg(&s.zq)
@@ -771,8 +964,8 @@ impl CudaEngine {
                 .arg(&zi);
             // SAFETY: zq, q, k hold t x z values; the affine vectors z.
             unsafe { a.launch(cfg_1d(t * z)) }.map_err(launch_err("qk_affine_f32"))?;
-            self.linear(&mut s.vv, &s.xn, &lw.wv, t, false, true)?;
-            self.linear(&mut s.r, &s.mx, &lw.wr, t, false, true)?;
+            self.linear(&mut s.vv, &s.xn, &lw.wv, t, false, true, &mut s.xb)?;
+            self.linear(&mut s.r, &s.mx, &lw.wr, t, false, true, &mut s.xb)?;
             // RoPE, cache append, attention
             let mut a = st.launch_builder(&self.k.rope_cache);
             a.arg(&mut s.q)
@@ -808,9 +1001,16 @@ impl CudaEngine {
             // Y = X + MX Wh1^T + bh1 + (A * R) Wh2^T
             st.memcpy_dtod(&s.x.slice(..t * m), &mut s.y.slice_mut(..t * m))
                 .map_err(|err| anyhow!("cuda engine: {err:?}"))?;
-            self.linear(&mut s.y, &s.mx, &lw.wh1, t, true, false)?;
+            self.linear(&mut s.y, &s.mx, &lw.wh1, t, true, false, &mut s.xb)?;
             self.mul(&mut s.att, &s.r, t * vd)?;
-            self.gemm(&mut s.y, &s.att, &lw.wh2.w, (t, m, vd), 1.0)?;
+            self.gemm(
+                &mut s.y,
+                &s.att,
+                lw.wh2.w.as_ref(),
+                (t, m, vd),
+                1.0,
+                &mut s.xb,
+            )?;
             // normalized FFN, residual from the layer input
             let mut a = st.launch_builder(&self.k.layernorm);
             a.arg(&s.y)
@@ -822,12 +1022,12 @@ impl CudaEngine {
                 .arg(&eps);
             // SAFETY: y and yn hold t x m values, the weights m.
             unsafe { a.launch(rows_cfg(t)) }.map_err(launch_err("layernorm_f32"))?;
-            self.linear(&mut s.u, &s.yn, &lw.fc1, t, false, true)?;
+            self.linear(&mut s.u, &s.yn, &lw.fc1, t, false, true, &mut s.xb)?;
             if let Some(fc3) = &lw.fc3 {
-                self.linear(&mut s.u3, &s.yn, fc3, t, false, false)?;
+                self.linear(&mut s.u3, &s.yn, fc3, t, false, false, &mut s.xb)?;
                 self.mul(&mut s.u, &s.u3, t * lw.fc1.out)?;
             }
-            self.linear(&mut s.xn, &s.u, &lw.fc2, t, false, false)?;
+            self.linear(&mut s.xn, &s.u, &lw.fc2, t, false, false, &mut s.xb)?;
             let has_alpha = lw.alpha.is_some() as i32;
             let alpha = lw.alpha.as_ref().unwrap_or(&lw.ln_w);
             let mut a = st.launch_builder(&self.k.residual);
@@ -852,10 +1052,16 @@ impl CudaEngine {
             Want::Last => (t - 1, 1),
             Want::None => return Ok(()),
         };
-        let w = self.head.as_ref().unwrap_or(&self.embed);
         let v = d.vocab;
         let x = s.xn.slice(r0 * m..(r0 + rows) * m);
-        self.gemm(&mut s.logits, &x, w, (rows, v, m), 0.0)?;
+        self.gemm(
+            &mut s.logits,
+            &x,
+            self.head_w(),
+            (rows, v, m),
+            0.0,
+            &mut s.xb,
+        )?;
         st.memcpy_dtoh(&s.logits.slice(..rows * v), &mut s.host_logits[..rows * v])
             .and_then(|_| st.synchronize())
             .map_err(|err| anyhow!("cuda engine: reading logits: {err:?}"))?;
