@@ -185,4 +185,55 @@ mod tests {
         clear();
         assert_eq!(stats(), (0, 0));
     }
+
+    /// The composed ops build their constants on the first call of a shape only: a second
+    /// forward of the same shapes adds nothing, a new length adds its own.
+    #[test]
+    fn composed_ops_reuse_their_constants() {
+        use crate::ops::block_attention::{composed_block_attention, BlockMask};
+        use crate::ops::rope::Rope;
+        use crate::ops::timestep_norm::composed_timestep_norm;
+        clear();
+        let dev = Cpu::default();
+        let rope = Rope::new(4, 10000.0);
+        let w: Tensor<Rank1<8>, f64, Cpu> = dev.zeros();
+        let run = |t: usize| {
+            let x: Tensor<(usize, usize, Const<2>, usize), f64, Cpu> =
+                dev.sample_normal_like(&(1, t, Const, 4));
+            let positions: Vec<usize> = (0..t).collect();
+            let r = rope.apply(x.clone(), &positions);
+            let b = x.reshape_like(&(1, Const::<2>, t, 4));
+            let mask = BlockMask {
+                causal_offset: Some(0),
+                valid_keys: None,
+            };
+            let a = composed_block_attention(b.clone(), b.clone(), b, &mask).unwrap();
+            let s: Tensor<(usize, usize, Const<8>), f64, Cpu> =
+                dev.sample_normal_like(&(2, t, Const));
+            let (y, st) =
+                composed_timestep_norm::<8, 2, _, _, _>(s, &w, &w, 1e-5, None, None).unwrap();
+            // a carried state with one count for both rows: the scalar path, no new constant
+            let (y2, _) =
+                composed_timestep_norm::<8, 2, _, _, _>(y.clone(), &w, &w, 1e-5, Some(st), None)
+                    .unwrap();
+            assert!(r
+                .as_vec()
+                .iter()
+                .chain(&a.as_vec())
+                .chain(&y2.as_vec())
+                .all(|v| v.is_finite()));
+        };
+        run(5);
+        let first = stats();
+        assert!(first.0 >= 5, "{first:?}");
+        run(5);
+        assert_eq!(
+            stats(),
+            first,
+            "a second forward of the same shapes built constants"
+        );
+        run(7);
+        assert!(stats().0 > first.0);
+        clear();
+    }
 }
