@@ -295,10 +295,47 @@ fn bad_input_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     assert!(format!("{err:#}").contains("nffn.fc1.weight"), "{err:#}");
 }
 
+/// The reduced-precision tests' common ground: a random `Tiny` (chunk 16, vocabulary 97), its f32
+/// engine, 100 random tokens, the f32 engine's logits of them, and their largest |logit| (the
+/// logits asserted finite, so that bounds relative to it mean something).
+struct Reduced {
+    model: Tiny<f32, Cpu>,
+    conf: ModelConf,
+    engine: Engine,
+    toks: Vec<usize>,
+    want: Vec<f64>,
+    spread: f64,
+}
+
+fn reduced_case() -> Reduced {
+    let (mut model, conf) = random_tiny(16, 97, 5);
+    let engine = Engine::from_model(&mut model, &conf).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let t = 100;
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
+    let want = stream(&engine, &mut engine.new_state(t).unwrap(), &toks, &[t]);
+    assert!(want.iter().all(|x| x.is_finite()), "non-finite f32 logits");
+    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    Reduced {
+        model,
+        conf,
+        engine,
+        toks,
+        want,
+        spread,
+    }
+}
+
 #[test]
 fn int8_weights_track_the_f32_engine() {
-    let (mut m, conf) = random_tiny(16, 97, 5);
-    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let Reduced {
+        engine: e,
+        toks,
+        want,
+        spread,
+        ..
+    } = reduced_case();
+    let t = toks.len();
     let mut q = e.clone();
     q.quantize_int8();
     assert!(q.is_int8() && !e.is_int8());
@@ -309,11 +346,7 @@ fn int8_weights_track_the_f32_engine() {
         e.weight_bytes()
     );
     assert!(ratio < 0.3, "int8 weights take {ratio} of the f32 bytes");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-    let t = 100;
-    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
     let mut sf = e.new_state(t).unwrap();
-    let want = stream(&e, &mut sf, &toks, &[t]);
     // prefill (dequantised tiles through gemm) and decode (int8 mat-vec) are the same function
     let mut sq = q.new_state(t).unwrap();
     let prefill = stream(&q, &mut sq, &toks, &[t]);
@@ -329,9 +362,6 @@ fn int8_weights_track_the_f32_engine() {
     );
     // close to f32, but not equal (the weights really are int8)
     let d = max_abs_diff(&prefill, &want);
-    // f64::max skips NaN: the reference logits must be finite for the bound to mean anything
-    assert!(want.iter().all(|x| x.is_finite()), "non-finite f32 logits");
-    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
     println!("int8 vs f32: max|diff| = {d:.3e} (max|logit| {spread:.3})");
     assert!(
         d > 1e-6 && d < 0.05 * spread,
@@ -379,17 +409,18 @@ fn bf16_weights_stay_within_the_bf16_tolerance_on_the_cpu() {
             Ok(())
         }
     }
-    let (mut m, conf) = random_tiny(16, 97, 5);
-    let e = Engine::from_model(&mut m, &conf).unwrap();
-    m.visit_params("", &mut Round).unwrap();
-    let r = Engine::from_model(&mut m, &conf).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-    let t = 100;
-    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
-    let want = stream(&e, &mut e.new_state(t).unwrap(), &toks, &[t]);
+    let Reduced {
+        mut model,
+        conf,
+        toks,
+        want,
+        spread,
+        ..
+    } = reduced_case();
+    let t = toks.len();
+    model.visit_params("", &mut Round).unwrap();
+    let r = Engine::from_model(&mut model, &conf).unwrap();
     let got = stream(&r, &mut r.new_state(t).unwrap(), &toks, &[t]);
-    assert!(want.iter().all(|x| x.is_finite()), "non-finite f32 logits");
-    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
     let d = max_abs_diff(&got, &want);
     println!(
         "bf16-rounded weights vs f32 (CPU): max|diff| = {d:.3e} = {:.4} of max|logit| {spread:.3}",
@@ -403,8 +434,14 @@ fn bf16_weights_stay_within_the_bf16_tolerance_on_the_cpu() {
 /// the f32 CUDA engine. Skips without a GPU.
 #[test]
 fn cuda_bf16_tracks_the_f32_engine() {
-    let (mut m, conf) = random_tiny(16, 97, 5);
-    let e = Engine::from_model(&mut m, &conf).unwrap();
+    let Reduced {
+        engine: e,
+        toks,
+        want,
+        spread,
+        ..
+    } = reduced_case();
+    let t = toks.len();
     let b = match CudaEngine::with_precision(&e, 0, Precision::Bf16) {
         Ok(b) => b,
         Err(err) => {
@@ -424,15 +461,9 @@ fn cuda_bf16_tracks_the_f32_engine() {
         f.weight_bytes()
     );
     assert!(ratio < 0.75, "bf16 weights take {ratio} of the f32 bytes");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-    let t = 100;
-    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
-    let want = stream(&e, &mut e.new_state(t).unwrap(), &toks, &[t]);
     let prefill = stream(&b, &mut b.new_state(t).unwrap(), &toks, &[t]);
     let ones = vec![1; t];
     let decode = stream(&b, &mut b.new_state(1).unwrap(), &toks, &ones);
-    assert!(want.iter().all(|x| x.is_finite()), "non-finite f32 logits");
-    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
     let dd = max_abs_diff(&decode, &prefill);
     let d = max_abs_diff(&prefill, &want);
     println!(
