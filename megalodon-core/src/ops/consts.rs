@@ -42,17 +42,19 @@ thread_local! {
     static STORE: RefCell<Store> = RefCell::new(Store::default());
 }
 
-fn lookup<V: Clone + 'static>(key: &Key) -> Option<V> {
-    STORE.with(|s| {
+/// The value stored under `key`, or the one `build` gives (with its size in bytes), stored.
+fn cached<V: Clone + 'static>(key: Key, build: impl FnOnce() -> (V, usize)) -> V {
+    let hit = STORE.with(|s| {
         s.borrow()
             .map
-            .get(key)
+            .get(&key)
             .and_then(|b| b.downcast_ref::<V>())
             .cloned()
-    })
-}
-
-fn insert<V: 'static>(key: Key, v: V, bytes: usize) {
+    });
+    if let Some(v) = hit {
+        return v;
+    }
+    let (v, bytes) = build();
     STORE.with(|s| {
         let mut s = s.borrow_mut();
         if s.bytes.saturating_add(bytes) > MAX_BYTES {
@@ -60,10 +62,11 @@ fn insert<V: 'static>(key: Key, v: V, bytes: usize) {
             s.bytes = 0;
         }
         if bytes <= MAX_BYTES {
-            s.map.insert(key, Box::new(v));
+            s.map.insert(key, Box::new(v.clone()));
             s.bytes += bytes;
         }
-    })
+    });
+    v
 }
 
 /// The constant `kind` with parameters `params` and shape `shape`; `build` gives its values
@@ -83,15 +86,13 @@ pub fn tensor<S: Shape, E: Dtype, D: Device<E>>(
         kind,
         params: shape_params(&shape, params),
     };
-    if let Some(t) = lookup::<Tensor<S, E, D>>(&key) {
-        return t;
-    }
-    let v = build();
-    debug_assert_eq!(v.len(), shape.num_elements(), "constant `{kind}`");
-    let mut t = dev.zeros_like(&shape);
-    t.copy_from(&v); // a synchronous copy (see the module docs)
-    insert(key, t.clone(), v.len() * std::mem::size_of::<E>());
-    t
+    cached(key, || {
+        let v = build();
+        debug_assert_eq!(v.len(), shape.num_elements(), "constant `{kind}`");
+        let mut t = dev.zeros_like(&shape);
+        t.copy_from(&v); // a synchronous copy (see the module docs)
+        (t, v.len() * std::mem::size_of::<E>())
+    })
 }
 
 /// An index tensor (for `select`/`gather`), cached like [`tensor`]. `E` is the float type of the
@@ -108,16 +109,14 @@ pub fn indices<S: Shape, E: Dtype, D: Device<E>>(
         kind,
         params: shape_params(&shape, params),
     };
-    if let Some(t) = lookup::<Tensor<S, usize, D>>(&key) {
-        return t;
-    }
-    let v = build();
-    let n = v.len();
-    let t: Tensor<S, usize, D> = dev.tensor_from_vec(v, shape);
-    let mut fence: Tensor<Rank1<1>, E, D> = dev.zeros();
-    fence.copy_from(&[E::default()]);
-    insert(key, t.clone(), n * std::mem::size_of::<usize>());
-    t
+    cached(key, || {
+        let v = build();
+        let n = v.len();
+        let t: Tensor<S, usize, D> = dev.tensor_from_vec(v, shape);
+        let mut fence: Tensor<Rank1<1>, E, D> = dev.zeros();
+        fence.copy_from(&[E::default()]);
+        (t, n * std::mem::size_of::<usize>())
+    })
 }
 
 /// The key's parameters: the run-time dimensions of `shape`, then `params`.
