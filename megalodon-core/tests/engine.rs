@@ -314,8 +314,18 @@ fn reduced_case() -> Reduced {
     let t = 100;
     let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
     let want = stream(&engine, &mut engine.new_state(t).unwrap(), &toks, &[t]);
-    assert!(want.iter().all(|x| x.is_finite()), "non-finite f32 logits");
-    let spread = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    // the largest |logit|, NaN-propagating (f64::max would skip a NaN), then checked finite
+    let spread = want.iter().fold(0.0f64, |m, x| {
+        if m.is_nan() || x.is_nan() {
+            f64::NAN
+        } else {
+            m.max(x.abs())
+        }
+    });
+    assert!(
+        spread.is_finite(),
+        "non-finite f32 logits (max |logit| {spread})"
+    );
     Reduced {
         model,
         conf,
