@@ -112,7 +112,7 @@ done
 run "core CUDA test (golden parity, streaming, training)" 90 "$B/test-cuda" --nocapture --test-threads=1
 run "heads on CUDA vs CPU (gradients; text, vision, audio training)" 120 "$B/test-cuda_heads" --nocapture --test-threads=1
 MEGALODON_REQUIRE_NVRTC=1 run "kernels/*.cu compile with NVRTC" 30 "$B/test-kernels" --nocapture
-run "streaming engine on CUDA vs dfdx and golden" 60 "$B/test-engine" --nocapture --test-threads=1
+MEGALODON_REQUIRE_CUDA=1 run "streaming engine on CUDA vs dfdx and golden" 60 "$B/test-engine" --nocapture --test-threads=1 --skip cuda_backend_runs_on_the_cpu_emulator
 run "bench_stream --device cuda (${STREAM_TOKENS:-50000} tokens)" 90 "$B/bench_stream" \
     --device cuda --tokens "${STREAM_TOKENS:-50000}" --dfdx-tokens 1000
 run "bench_stream --device cuda --bf16 (20000 tokens)" 45 "$B/bench_stream" \

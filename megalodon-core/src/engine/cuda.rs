@@ -22,8 +22,8 @@ use cudarc19::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use std::sync::Arc;
 
 /// The kernel sources, each compiled with `kernels/common.cuh` in front of it.
-const COMMON: &str = include_str!("../../../kernels/common.cuh");
-const SOURCES: [(&str, &str); 5] = [
+pub(crate) const COMMON: &str = include_str!("../../../kernels/common.cuh");
+pub(crate) const SOURCES: [(&str, &str); 5] = [
     (
         "elementwise.cu",
         include_str!("../../../kernels/elementwise.cu"),

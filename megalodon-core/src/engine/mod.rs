@@ -14,6 +14,7 @@
 
 mod cpu;
 pub mod cuda;
+pub mod emulator;
 
 use crate::config::ModelConf;
 use crate::nn::state::Rewindow;
