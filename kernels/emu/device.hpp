@@ -11,6 +11,7 @@
 // not synchronise after some threads of the block returned: none of ours does).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -63,6 +64,8 @@ inline float __uint_as_float(unsigned i) {
     return f;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+using std::max;
+using std::min;
 
 namespace emu {
 

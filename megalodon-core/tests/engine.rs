@@ -217,6 +217,44 @@ fn dfdx_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     assert_eq!(B::position(&s2), t as u64);
 }
 
+on_backends!(long_prefill_body: cpu_long_prefill_matches_the_dfdx_model,
+    cuda_long_prefill_matches_the_dfdx_model);
+
+/// Prefill blocks long enough for the CUDA engine's chunked CEMA scan (`CEMA_SEGMENT` rows per
+/// segment, from `2 * CEMA_SEGMENT` rows up), with a carried state entering it, a last segment
+/// shorter than the others, and blocks clipped at chunk boundaries.
+fn long_prefill_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
+    use megalodon_core::engine::cuda::CEMA_SEGMENT;
+    let (mut m, conf) = random_tiny(128, 61, 9);
+    let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
+        return;
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let t = 300;
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..61)).collect();
+    let want: Vec<f64> = m
+        .forward(&toks, 1, t)
+        .unwrap()
+        .as_vec()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    for block in [128, 2 * CEMA_SEGMENT + 8] {
+        let what = format!("300 tokens, block {block}");
+        check(&e, &toks, 1, t, &[t], block, &want, &what);
+    }
+    check(
+        &e,
+        &toks,
+        1,
+        t,
+        &[5, 250, 45],
+        128,
+        &want,
+        "300 tokens in 3 calls",
+    );
+}
+
 on_backends!(rewindow_body: cpu_rewindowed_matches_dfdx, cuda_rewindowed_matches_dfdx);
 
 fn rewindow_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {

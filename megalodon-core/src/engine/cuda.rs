@@ -41,7 +41,7 @@ pub(crate) const SOURCES: [(&str, &str); 5] = [
 ];
 
 /// Every kernel entry point the engine launches (each defined in one of `kernels/*.cu`).
-pub const KERNELS: [&str; 12] = [
+pub const KERNELS: [&str; 15] = [
     "embed_f32",
     "bias_act_f32",
     "mul_f32",
@@ -51,6 +51,9 @@ pub const KERNELS: [&str; 12] = [
     "layernorm_f32",
     "timestep_norm_f32",
     "cema_f32",
+    "cema_scan_local_f32",
+    "cema_scan_carry_f32",
+    "cema_scan_out_f32",
     "rope_cache_f32",
     "chunk_attention_f32",
     "to_bf16",
@@ -85,6 +88,13 @@ pub fn round_bf16(x: f32) -> f32 {
 
 /// Threads per block of the row kernels.
 const THREADS: u32 = 256;
+
+/// Rows per segment of the chunked CEMA scan (`kernels/cema.cu`); blocks of at least
+/// `2 * CEMA_SEGMENT` rows take it, shorter ones the one-thread-per-channel recurrence.
+pub const CEMA_SEGMENT: usize = 16;
+
+/// The largest CEMA order `N` the chunked scan supports (`CEMA_SCAN_MAX_N` in `kernels/cema.cu`).
+const CEMA_SCAN_MAX_N: usize = 64;
 
 /// Runs `f`, turning a panic inside cudarc (a library or symbol that cannot be loaded) into an
 /// error naming `what`.
@@ -139,6 +149,9 @@ struct Kernels {
     layernorm: CudaFunction,
     timestep_norm: CudaFunction,
     cema: CudaFunction,
+    cema_local: CudaFunction,
+    cema_carry: CudaFunction,
+    cema_out: CudaFunction,
     rope_cache: CudaFunction,
     attention: CudaFunction,
     to_bf16: CudaFunction,
@@ -259,6 +272,10 @@ struct DScratch {
     logits: CudaSlice<f32>,
     /// bf16 copy of a product's input rows (bf16 engines; one element otherwise).
     xb: CudaSlice<u16>,
+    /// The chunked CEMA scan's per-segment states, `ceil(block / CEMA_SEGMENT) x M x N` (one
+    /// element when `block` is too short for the chunked scan).
+    seg_re: CudaSlice<f32>,
+    seg_im: CudaSlice<f32>,
     host_toks: Vec<i32>,
     host_logits: Vec<f32>,
 }
@@ -407,6 +424,9 @@ impl CudaEngine {
             layernorm: get("layernorm_f32")?,
             timestep_norm: get("timestep_norm_f32")?,
             cema: get("cema_f32")?,
+            cema_local: get("cema_scan_local_f32")?,
+            cema_carry: get("cema_scan_carry_f32")?,
+            cema_out: get("cema_scan_out_f32")?,
             rope_cache: get("rope_cache_f32")?,
             attention: get("chunk_attention_f32")?,
             to_bf16: get("to_bf16")?,
@@ -476,6 +496,17 @@ impl CudaEngine {
             let x = x.with_context(|| format!("cuda engine: {what} overflows"))?;
             i32_of(x, what)?;
         }
+        // the chunked CEMA scan keeps a channel's N states in registers, one thread per state
+        ensure!(
+            d.n <= CEMA_SCAN_MAX_N,
+            "cuda engine: cema_ndim {} is above the {CEMA_SCAN_MAX_N} the CEMA scan kernel supports",
+            d.n
+        );
+        ensure!(
+            d.m * d.n <= 65_535 * THREADS as usize,
+            "cuda engine: model_dim x cema_ndim = {} is above one launch's threads",
+            d.m * d.n
+        );
         // the attention scores of a chunk live in shared memory
         let smem = d.chunk * 4;
         ensure!(
@@ -579,6 +610,8 @@ impl CudaEngine {
                     self.zeros(n)?
                 }
             },
+            seg_re: self.zeros(Self::seg_len(block, d))?,
+            seg_im: self.zeros(Self::seg_len(block, d))?,
             host_toks: vec![0; block],
             host_logits: vec![0.0; block * d.vocab],
         };
@@ -603,6 +636,15 @@ impl CudaEngine {
         })
     }
 
+    /// Values of each segment-state buffer of a state processing `block` rows at a time.
+    fn seg_len(block: usize, d: &EngineDims) -> usize {
+        if block >= 2 * CEMA_SEGMENT {
+            block.div_ceil(CEMA_SEGMENT) * d.m * d.n
+        } else {
+            1
+        }
+    }
+
     /// A fresh state with the official re-windowed TimestepNorm evaluation (as the CPU's).
     pub fn new_state_rewindowed(&self, block: usize, rewindow: Rewindow) -> Result<CudaState> {
         let fresh = self.new_state(block)?;
@@ -622,7 +664,9 @@ impl CudaEngine {
         .map(|b| b.num_bytes())
         .sum::<usize>()
             + s.toks.num_bytes()
-            + s.xb.num_bytes();
+            + s.xb.num_bytes()
+            + s.seg_re.num_bytes()
+            + s.seg_im.num_bytes();
         let carry: usize = state
             .layers
             .iter()
@@ -898,17 +942,16 @@ impl CudaEngine {
     ) -> Result<()> {
         let d = &self.dims;
         let t = tokens.len();
-        let (m, z, vd, h, n, c) = (d.m, d.z, d.v, d.h, d.n, d.chunk);
+        let (m, z, vd, h, c) = (d.m, d.z, d.v, d.h, d.chunk);
         let dz = z / h;
         let pos0 = (state.position % c as u64) as usize;
         debug_assert!(t >= 1 && t <= state.block && pos0 + t <= c);
-        let (ti, mi, zi, vdi, hi, ni, dzi, pos0i) = (
+        let (ti, mi, zi, vdi, hi, dzi, pos0i) = (
             t as i32,
             m as i32,
             z as i32,
             vd as i32,
             h as i32,
-            n as i32,
             dz as i32,
             pos0 as i32,
         );
@@ -932,22 +975,7 @@ impl CudaEngine {
         for (lw, lc) in self.layers.iter().zip(state.layers.iter_mut()) {
             self.timestep_norm(&s.x, &mut s.xn, &mut lc.norm, (&lw.tn_w, &lw.tn_b), t)?;
             // CEMA -> mx, then RMSNorm
-            let mut a = st.launch_builder(&self.k.cema);
-            a.arg(&s.xn)
-                .arg(&mut s.mx)
-                .arg(&mut lc.h_re)
-                .arg(&mut lc.h_im)
-                .arg(&lw.p)
-                .arg(&lw.q_re)
-                .arg(&lw.q_im)
-                .arg(&lw.eta_re)
-                .arg(&lw.eta_im)
-                .arg(&lw.omega)
-                .arg(&ti)
-                .arg(&mi)
-                .arg(&ni);
-            // SAFETY: the CEMA buffers hold m x n values, xn and mx t x m.
-            unsafe { a.launch(cfg_1d(m)) }.map_err(launch_err("cema_f32"))?;
+            self.cema(lw, lc, s, t)?;
             self.rms_rows(&mut s.mx, Some(&lw.rms_w), t, m, eps)?;
             // Z -> per-head RMS -> Q, K
             self.linear(&mut s.zq, &s.mx, &lw.wz, t, false, false, &mut s.xb)?;
@@ -1068,6 +1096,82 @@ impl CudaEngine {
         for i in 0..rows {
             on_logits(r0 + i, &s.host_logits[i * v..(i + 1) * v]);
         }
+        Ok(())
+    }
+
+    /// CEMA of the block's `t` rows (`s.xn` into `s.mx`) on the layer's carried state: the
+    /// one-thread-per-channel recurrence for short blocks, the chunked scan (three launches, see
+    /// `kernels/cema.cu`) for blocks of at least `2 * CEMA_SEGMENT` rows.
+    fn cema(&self, lw: &DLayer, lc: &mut DCarry, s: &mut DScratch, t: usize) -> Result<()> {
+        let d = &self.dims;
+        let (m, n) = (d.m, d.n);
+        let (ti, mi, ni) = (t as i32, m as i32, n as i32);
+        let st = &self.stream;
+        if t < 2 * CEMA_SEGMENT {
+            let mut a = st.launch_builder(&self.k.cema);
+            a.arg(&s.xn)
+                .arg(&mut s.mx)
+                .arg(&mut lc.h_re)
+                .arg(&mut lc.h_im)
+                .arg(&lw.p)
+                .arg(&lw.q_re)
+                .arg(&lw.q_im)
+                .arg(&lw.eta_re)
+                .arg(&lw.eta_im)
+                .arg(&lw.omega)
+                .arg(&ti)
+                .arg(&mi)
+                .arg(&ni);
+            // SAFETY: the CEMA buffers hold m x n values, xn and mx t x m.
+            unsafe { a.launch(cfg_1d(m)) }.map_err(launch_err("cema_f32"))?;
+            return Ok(());
+        }
+        let segs = t.div_ceil(CEMA_SEGMENT);
+        let segi = CEMA_SEGMENT as i32;
+        let mut a = st.launch_builder(&self.k.cema_local);
+        a.arg(&s.xn)
+            .arg(&mut s.seg_re)
+            .arg(&mut s.seg_im)
+            .arg(&lw.p)
+            .arg(&lw.q_re)
+            .arg(&lw.q_im)
+            .arg(&ti)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&segi);
+        // SAFETY: the segment buffers hold ceil(block / seg) x m x n values (t <= block, and
+        // t >= 2 seg implies block >= 2 seg, so they were sized for segments); xn t x m.
+        unsafe { a.launch(cfg_1d(segs * m * n)) }.map_err(launch_err("cema_scan_local_f32"))?;
+        let mut a = st.launch_builder(&self.k.cema_carry);
+        a.arg(&mut s.seg_re)
+            .arg(&mut s.seg_im)
+            .arg(&mut lc.h_re)
+            .arg(&mut lc.h_im)
+            .arg(&lw.q_re)
+            .arg(&lw.q_im)
+            .arg(&ti)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&segi);
+        // SAFETY: as above; one thread per state element (m x n, checked to fit the grid).
+        unsafe { a.launch(cfg_1d(m * n)) }.map_err(launch_err("cema_scan_carry_f32"))?;
+        let mut a = st.launch_builder(&self.k.cema_out);
+        a.arg(&s.xn)
+            .arg(&mut s.mx)
+            .arg(&s.seg_re)
+            .arg(&s.seg_im)
+            .arg(&lw.p)
+            .arg(&lw.q_re)
+            .arg(&lw.q_im)
+            .arg(&lw.eta_re)
+            .arg(&lw.eta_im)
+            .arg(&lw.omega)
+            .arg(&ti)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&segi);
+        // SAFETY: as above; mx holds t x m values.
+        unsafe { a.launch(cfg_1d(segs * m)) }.map_err(launch_err("cema_scan_out_f32"))?;
         Ok(())
     }
 
