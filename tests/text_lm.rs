@@ -401,3 +401,71 @@ fn int8_and_device_switches_of_the_engine() {
         }
     }
 }
+
+/// The CUDA engine (f32, and bf16 within its tolerance) serves the text model as the CPU engine
+/// does: the same perplexity and the same seeded continuation. Skips without a GPU unless
+/// `MEGALODON_REQUIRE_CUDA` is set; [`cuda_engine_serves_the_lm_on_the_cpu_emulator`] runs it on
+/// the CPU emulator of CUDA.
+#[test]
+fn cuda_engine_scores_and_generates_like_the_cpu_engine() {
+    use megalodon_core::engine::cuda::Precision;
+    let mut lm = tiny_lm(8);
+    let ids = lm
+        .tokenizer()
+        .encode("Where should this music be? i' the air or the earth?")
+        .unwrap();
+    // seeded sampling: the logits agree to ~1e-6, so the same draws pick the same tokens
+    let sampling = Sampling {
+        temperature: 1.0,
+        top_k: None,
+        top_p: 1.0,
+        seed: 1,
+    };
+    let cpu = lm.perplexity(&ids, 1).unwrap();
+    let cpu_gen = lm.generate("Full fathom", 40, &sampling, |_| Ok(())).unwrap();
+    if let Err(err) = lm.engine_device("cuda") {
+        assert!(
+            std::env::var_os("MEGALODON_REQUIRE_CUDA").is_none(),
+            "MEGALODON_REQUIRE_CUDA is set: {err:#}"
+        );
+        println!("SKIPPED: no CUDA engine here ({err:#})");
+        return;
+    }
+    let name = lm.backend_name();
+    assert!(!name.contains("engine (CPU"), "{name}");
+    let gpu = lm.perplexity(&ids, 1).unwrap();
+    let d = (gpu.mean_nll() - cpu.mean_nll()).abs();
+    let gpu_gen = lm.generate("Full fathom", 40, &sampling, |_| Ok(())).unwrap();
+    println!(
+        "{}: nll {:.6} (CPU {:.6}, |diff| {d:.2e}); sampled text {:?}",
+        lm.backend_name(),
+        gpu.mean_nll(),
+        cpu.mean_nll(),
+        gpu_gen.text
+    );
+    assert!(d < 1e-4, "CUDA engine nll differs by {d}");
+    assert_eq!(gpu_gen.ids, cpu_gen.ids, "seeded continuations differ");
+    lm.engine_device_with("cuda", Precision::Bf16).unwrap();
+    let bf = lm.perplexity(&ids, 1).unwrap();
+    let rel = (bf.mean_nll() - cpu.mean_nll()).abs() / cpu.mean_nll();
+    println!("bf16: nll {:.6} ({rel:.2e} relative)", bf.mean_nll());
+    assert!(rel < 0.02, "bf16 nll off by {rel}");
+}
+
+/// [`cuda_engine_scores_and_generates_like_the_cpu_engine`] on the CPU emulator of CUDA
+/// (`kernels/emu/`): the text model's `--device cuda` path end to end without a GPU.
+#[test]
+fn cuda_engine_serves_the_lm_on_the_cpu_emulator() {
+    use megalodon_core::engine::emulator;
+    if emulator::is_child() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emulator");
+    let args = [
+        "--exact",
+        "cuda_engine_scores_and_generates_like_the_cpu_engine",
+    ];
+    if let Some(passed) = emulator::rerun_tests(&dir, &args).unwrap() {
+        assert_eq!(passed, 1);
+    }
+}

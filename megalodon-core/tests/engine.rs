@@ -539,9 +539,6 @@ fn cuda_bf16_tracks_the_f32_engine() {
     );
 }
 
-/// Marks the child process of [`cuda_backend_runs_on_the_cpu_emulator`].
-const EMU_CHILD: &str = "MEGALODON_CUDA_EMULATOR_CHILD";
-
 /// The CUDA tests above (every one but the 100K-token stream, too slow emulated) run again in a
 /// child process whose `LD_LIBRARY_PATH` starts with the CPU emulator of CUDA
 /// (`megalodon_core::engine::emulator`, `kernels/emu/`): the CUDA backend's host code and the
@@ -549,54 +546,19 @@ const EMU_CHILD: &str = "MEGALODON_CUDA_EMULATOR_CHILD";
 /// compiler unless `MEGALODON_REQUIRE_EMULATOR` is set (CI sets it).
 #[test]
 fn cuda_backend_runs_on_the_cpu_emulator() {
-    if std::env::var_os(EMU_CHILD).is_some() {
+    use megalodon_core::engine::emulator;
+    if emulator::is_child() {
         return;
     }
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emulator");
-    let lib = match megalodon_core::engine::emulator::build(&dir) {
-        Ok(lib) => lib,
-        Err(err) if std::env::var_os("MEGALODON_REQUIRE_EMULATOR").is_none() => {
-            println!("SKIPPED: the CUDA emulator could not be built ({err:#})");
-            return;
-        }
-        Err(err) => panic!("MEGALODON_REQUIRE_EMULATOR is set: {err:#}"),
-    };
-    let path = match std::env::var_os("LD_LIBRARY_PATH") {
-        Some(p) => {
-            std::env::join_paths(std::iter::once(lib).chain(std::env::split_paths(&p))).unwrap()
-        }
-        None => lib.into_os_string(),
-    };
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "cuda_",
-            "--skip",
-            "cuda_state_stays_constant_over_100k_tokens",
-            "--skip",
-            "cuda_backend_runs_on_the_cpu_emulator",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env("LD_LIBRARY_PATH", path)
-        .env(EMU_CHILD, "1")
-        .env(REQUIRE_CUDA, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "the CUDA tests failed on the emulator"
-    );
-    assert!(
-        !stdout.contains("SKIPPED"),
-        "a CUDA test skipped on the emulator"
-    );
-    let ran: usize = stdout
-        .split("test result: ok. ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .expect("no test summary from the emulator run");
-    assert!(ran >= 5, "only {ran} CUDA tests ran on the emulator");
+    let args = [
+        "cuda_",
+        "--skip",
+        "cuda_state_stays_constant_over_100k_tokens",
+        "--skip",
+        "cuda_backend_runs_on_the_cpu_emulator",
+    ];
+    if let Some(passed) = emulator::rerun_tests(&dir, &args).unwrap() {
+        assert!(passed >= 6, "only {passed} CUDA tests ran on the emulator");
+    }
 }

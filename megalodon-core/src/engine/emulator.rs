@@ -158,3 +158,63 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
         .with_context(|| format!("writing {}", stamp_file.display()))?;
     Ok(dir.to_path_buf())
 }
+
+/// Set in the child process [`rerun_tests`] starts (a test that reruns others returns at once
+/// there).
+pub const CHILD_ENV: &str = "MEGALODON_CUDA_EMULATOR_CHILD";
+
+/// Whether this process is a child started by [`rerun_tests`].
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// For tests: builds the emulator into `dir`, then runs the calling test binary again with
+/// `args` (test filters and libtest flags; `--test-threads=1 --nocapture` are added), the
+/// emulator first on `LD_LIBRARY_PATH`, [`CHILD_ENV`] and `MEGALODON_REQUIRE_CUDA` set, and
+/// prints its output. Returns the number of tests that passed there, or `None` (printing
+/// "SKIPPED") when the emulator cannot be built and `MEGALODON_REQUIRE_EMULATOR` is unset. An
+/// error when the child failed or one of its tests skipped.
+pub fn rerun_tests(dir: &Path, args: &[&str]) -> Result<Option<usize>> {
+    let lib = match build(dir) {
+        Ok(lib) => lib,
+        Err(err) if std::env::var_os("MEGALODON_REQUIRE_EMULATOR").is_none() => {
+            println!("SKIPPED: the CUDA emulator could not be built ({err:#})");
+            return Ok(None);
+        }
+        Err(err) => return Err(err.context("MEGALODON_REQUIRE_EMULATOR is set")),
+    };
+    let path = std::env::join_paths(
+        std::iter::once(lib).chain(
+            std::env::var_os("LD_LIBRARY_PATH")
+                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        ),
+    )
+    .context("LD_LIBRARY_PATH")?;
+    let exe = std::env::current_exe().context("finding the test binary")?;
+    let out = Command::new(&exe)
+        .args(args)
+        .args(["--test-threads=1", "--nocapture"])
+        .env("LD_LIBRARY_PATH", path)
+        .env(CHILD_ENV, "1")
+        .env("MEGALODON_REQUIRE_CUDA", "1")
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "the tests failed on the CUDA emulator"
+    );
+    ensure!(
+        !stdout.contains("SKIPPED"),
+        "a test skipped on the CUDA emulator"
+    );
+    let passed = stdout
+        .split("test result: ok. ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .context("no test summary from the run on the CUDA emulator")?;
+    Ok(Some(passed))
+}
