@@ -422,7 +422,9 @@ fn cuda_engine_scores_and_generates_like_the_cpu_engine() {
         seed: 1,
     };
     let cpu = lm.perplexity(&ids, 1).unwrap();
-    let cpu_gen = lm.generate("Full fathom", 40, &sampling, |_| Ok(())).unwrap();
+    let cpu_gen = lm
+        .generate("Full fathom", 40, &sampling, |_| Ok(()))
+        .unwrap();
     if let Err(err) = lm.engine_device("cuda") {
         assert!(
             std::env::var_os("MEGALODON_REQUIRE_CUDA").is_none(),
@@ -435,7 +437,9 @@ fn cuda_engine_scores_and_generates_like_the_cpu_engine() {
     assert!(!name.contains("engine (CPU"), "{name}");
     let gpu = lm.perplexity(&ids, 1).unwrap();
     let d = (gpu.mean_nll() - cpu.mean_nll()).abs();
-    let gpu_gen = lm.generate("Full fathom", 40, &sampling, |_| Ok(())).unwrap();
+    let gpu_gen = lm
+        .generate("Full fathom", 40, &sampling, |_| Ok(()))
+        .unwrap();
     println!(
         "{}: nll {:.6} (CPU {:.6}, |diff| {d:.2e}); sampled text {:?}",
         lm.backend_name(),

@@ -1,13 +1,60 @@
 //! The engine's CPU backend: one block of tokens through every layer (`docs/engine.md`). Plain
-//! Rust over the state's preallocated buffers; the linear layers go through `gemm` (threaded by
-//! rayon when a product is large enough to pay for it).
+//! Rust over the state's preallocated buffers. Several rows (prefill) go through `gemm`, threaded
+//! by rayon when a product is large enough; one row (decode) through our matrix-vector loops,
+//! split over the engine's spinning [`Team`] of threads, as is attention's weighted value sum.
 
+use super::team::Team;
 use super::{Engine, EngineState, Lin, NormStats, Want, Q8};
 use crate::ops::simd::simd_dispatch;
 
-/// Products with at least this many multiply-adds run on rayon's threads (below it, measured on
-/// 2 cores with `bench_stream`, the thread hand-offs cost more than they save).
+/// Multi-row (prefill) products with at least this many multiply-adds run `gemm` on rayon's
+/// threads (below it, measured on 2 cores with `bench_stream`, the hand-offs cost more than they
+/// save).
 const PARALLEL_MACS: usize = 1 << 20;
+
+/// Decode products (and attention value sums) with at least this many multiply-adds are split
+/// over the engine's [`Team`] (below it the split costs more than it saves; `bench_stream`).
+const TEAM_MACS: usize = 1 << 15;
+
+/// `*mut f32` that may cross to the team's threads: each part writes a disjoint range.
+#[derive(Clone, Copy)]
+struct PartPtr(*mut f32);
+// SAFETY: only used to hand disjoint ranges of one live `&mut [f32]` to the parts of one job,
+// which all end before that borrow does (`Team::run` returns after every part).
+unsafe impl Send for PartPtr {}
+unsafe impl Sync for PartPtr {}
+
+impl PartPtr {
+    /// The pointer `i` elements on (a method, so closures capture the `Sync` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Runs `f(range, rows_of_dst)` over `dst` in ranges of a few multiples of 8 rows, which the
+/// team's threads take in turn (so a thread that starts late or runs slower takes fewer).
+fn split_rows(
+    team: &Team,
+    dst: &mut [f32],
+    f: &(dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync),
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let n = dst.len();
+    let step = n.div_ceil(team.parts() * 4).next_multiple_of(8);
+    let next = AtomicUsize::new(0);
+    let ptr = PartPtr(dst.as_mut_ptr());
+    team.run(&|_| loop {
+        let r0 = next.fetch_add(step, Relaxed);
+        if r0 >= n {
+            break;
+        }
+        let r1 = (r0 + step).min(n);
+        // SAFETY: every range is taken once (the atomic counter), so the parts write disjoint
+        // ranges of `dst`, which outlives the job (see PartPtr).
+        let d = unsafe { std::slice::from_raw_parts_mut(ptr.at(r0), r1 - r0) };
+        f(r0..r1, d);
+    });
+}
 
 /// Rows of an int8 matrix dequantised at a time for a multi-row (prefill) product.
 pub(crate) const DEQ_ROWS: usize = 64;
@@ -75,32 +122,32 @@ fn gemv_rows_i8_generic(dst: &mut [f32], q: &[i8], scale: &[f32], x: &[f32], acc
     }
 }
 
-/// One row through int8 weights: `dst (out) (+)= W x`, threaded like [`gemv`].
+/// One row through int8 weights: `dst (out) (+)= W x`, split like [`gemv`].
 fn gemv_i8(dst: &mut [f32], w: &Q8, x: &[f32], accumulate: bool) {
-    use rayon::prelude::*;
     let (out, inp) = (dst.len(), x.len());
-    if out * inp >= PARALLEL_MACS && rayon::current_num_threads() > 1 {
-        let rows = out.div_ceil(rayon::current_num_threads() * 4).max(16);
-        dst.par_chunks_mut(rows)
-            .zip(w.q.par_chunks(rows * inp))
-            .zip(w.scale.par_chunks(rows))
-            .for_each(|((d, qc), sc)| gemv_rows_i8(d, qc, sc, x, accumulate));
-    } else {
-        gemv_rows_i8(dst, &w.q, &w.scale, x, accumulate);
+    match Team::get() {
+        Some(team) if out * inp >= TEAM_MACS => split_rows(team, dst, &|r, d| {
+            gemv_rows_i8(
+                d,
+                &w.q[r.start * inp..r.end * inp],
+                &w.scale[r.clone()],
+                x,
+                accumulate,
+            )
+        }),
+        _ => gemv_rows_i8(dst, &w.q, &w.scale, x, accumulate),
     }
 }
 
-/// One row: `dst (out) (+)= W x`, split over rayon's threads when the matrix is large.
+/// One row: `dst (out) (+)= W x`, split by rows over the engine's [`Team`] when the matrix is
+/// large enough.
 fn gemv(dst: &mut [f32], w: &[f32], x: &[f32], accumulate: bool) {
-    use rayon::prelude::*;
     let (out, inp) = (dst.len(), x.len());
-    if out * inp >= PARALLEL_MACS && rayon::current_num_threads() > 1 {
-        let rows = out.div_ceil(rayon::current_num_threads() * 4).max(16);
-        dst.par_chunks_mut(rows)
-            .zip(w.par_chunks(rows * inp))
-            .for_each(|(d, wc)| gemv_rows(d, wc, x, accumulate));
-    } else {
-        gemv_rows(dst, w, x, accumulate);
+    match Team::get() {
+        Some(team) if out * inp >= TEAM_MACS => split_rows(team, dst, &|r, d| {
+            gemv_rows(d, &w[r.start * inp..r.end * inp], x, accumulate)
+        }),
+        _ => gemv_rows(dst, w, x, accumulate),
     }
 }
 
@@ -309,17 +356,13 @@ fn attend_generic(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
     for sj in scores.iter_mut() {
         *sj *= inv;
     }
-    let threads = rayon::current_num_threads();
-    if scores.len() * dv >= PARALLEL_MACS && threads > 1 && dv >= 64 {
-        // the weighted sum of values, split over the value columns
-        use rayon::prelude::*;
-        let cols = dv.div_ceil(threads).next_multiple_of(16);
-        let scores = &*scores;
-        out.par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(i, o)| weighted_values(scores, hd, i * cols, o));
-    } else {
-        weighted_values(scores, hd, 0, out);
+    // the weighted sum of values, split over the value columns
+    let scores = &*scores;
+    match Team::get() {
+        Some(team) if scores.len() * dv >= TEAM_MACS && dv >= 64 => {
+            split_rows(team, out, &|r, o| weighted_values(scores, hd, r.start, o))
+        }
+        _ => weighted_values(scores, hd, 0, out),
     }
 }
 
@@ -341,15 +384,15 @@ fn weighted_values_generic(p: &[f32], hd: &Head, c0: usize, out: &mut [f32]) {
     }
 }
 
-/// One block of tokens (at most `state.block`) through the model; calls `on_logits` per wanted
-/// row. Does not advance `state.position` (the caller does).
+/// One block of tokens (at most `state.block`) through the model. Returns `(r0, rows)`: the
+/// logits of block rows `r0..r0 + rows` are in `state.scratch.logits`, one row of `vocab` each.
+/// Does not advance `state.position` (the caller does).
 pub(crate) fn forward_block(
     e: &Engine,
     state: &mut EngineState,
     tokens: &[usize],
     want: Want,
-    mut on_logits: impl FnMut(usize, &[f32]),
-) {
+) -> (usize, usize) {
     let d = &e.dims;
     let t = tokens.len();
     debug_assert!(t >= 1 && t <= state.block);
@@ -481,14 +524,12 @@ pub(crate) fn forward_block(
     let (r0, rows) = match want {
         Want::All => (0, t),
         Want::Last => (t - 1, 1),
-        Want::None => return,
+        Want::None => return (0, 0),
     };
     let head = e.head.as_ref().unwrap_or(&e.embed);
     let x = &s.xn[r0 * m..(r0 + rows) * m];
     linear(&mut s.logits, x, head, rows, false, &mut s.deq);
-    for i in 0..rows {
-        on_logits(r0 + i, &s.logits[i * d.vocab..(i + 1) * d.vocab]);
-    }
+    (r0, rows)
 }
 
 /// The matrix-vector products of one decoded token and nothing else (every linear layer of every

@@ -15,6 +15,7 @@
 mod cpu;
 pub mod cuda;
 pub mod emulator;
+mod team;
 
 use crate::config::ModelConf;
 use crate::nn::state::Rewindow;
@@ -786,10 +787,14 @@ impl Engine {
         state: &mut EngineState,
         tokens: &[usize],
         want: Want,
-        on_logits: impl FnMut(usize, &[f32]),
+        mut on_logits: impl FnMut(usize, &[f32]),
     ) {
         let before = state.position;
-        cpu::forward_block(self, state, tokens, want, on_logits);
+        let (r0, rows) = cpu::forward_block(self, state, tokens, want);
+        let v = self.dims.vocab;
+        for (i, row) in state.scratch.logits[..rows * v].chunks_exact(v).enumerate() {
+            on_logits(r0 + i, row);
+        }
         state.position += tokens.len() as u64;
         let after = state.position;
         let Some(rw) = state.rewindow.as_mut() else {
@@ -808,7 +813,7 @@ impl Engine {
             let (a, b) = rw.history.as_slices();
             for part in [a, b] {
                 for blk in part.chunks(fresh.block) {
-                    cpu::forward_block(self, fresh, blk, Want::None, |_, _| {});
+                    cpu::forward_block(self, fresh, blk, Want::None);
                     fresh.position += blk.len() as u64;
                 }
             }
