@@ -333,12 +333,14 @@ struct Head<'a> {
 }
 
 simd_dispatch! {
-    /// Softmax attention of one query over cache rows `0..scores.len()` into `out` (dv values).
-    fn attend(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) => attend_generic
+    /// Softmax attention of one query over cache rows `0..scores.len()` into `out` (dv values);
+    /// `decode`: the block is one row (the value sum may use the team, see below).
+    fn attend(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32], decode: bool)
+        => attend_generic
 }
 
 #[inline(always)]
-fn attend_generic(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
+fn attend_generic(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32], decode: bool) {
     let dz = q.len();
     let dv = out.len();
     let mut mx = f32::NEG_INFINITY;
@@ -356,11 +358,22 @@ fn attend_generic(q: &[f32], hd: &Head, scores: &mut [f32], out: &mut [f32]) {
     for sj in scores.iter_mut() {
         *sj *= inv;
     }
-    // the weighted sum of values, split over the value columns
+    // the weighted sum of values, split over the value columns: in decode over the team; in
+    // prefill (where rayon runs the products, and a spinning team would compete with it) over
+    // rayon when large
     let scores = &*scores;
+    let macs = scores.len() * dv;
+    let threads = rayon::current_num_threads();
     match Team::get() {
-        Some(team) if scores.len() * dv >= TEAM_MACS && dv >= 64 => {
+        Some(team) if decode && macs >= TEAM_MACS && dv >= 64 => {
             split_rows(team, out, &|r, o| weighted_values(scores, hd, r.start, o))
+        }
+        _ if !decode && macs >= PARALLEL_MACS && threads > 1 && dv >= 64 => {
+            use rayon::prelude::*;
+            let cols = dv.div_ceil(threads).next_multiple_of(16);
+            out.par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(i, o)| weighted_values(scores, hd, i * cols, o));
         }
         _ => weighted_values(scores, hd, 0, out),
     }
@@ -469,7 +482,7 @@ pub(crate) fn forward_block(
                     kz: hd * dz,
                     kv: hd * dv,
                 };
-                attend(q, &head, &mut s.scores[..=pos], out);
+                attend(q, &head, &mut s.scores[..=pos], out, t == 1);
             }
         }
         // Y = X + MX Wh1^T + bh1 + (A * R) Wh2^T
