@@ -43,26 +43,18 @@ static dim3 blockDim, gridDim;
 // block-scope shared arrays become function statics: one block runs at a time
 #define __shared__ static
 
-inline float __int_as_float(int i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
+// The bit reinterpretations CUDA has as built-ins.
+template <typename To, typename From>
+inline To emu_bits(From f) {
+    static_assert(sizeof(To) == sizeof(From), "reinterpretation between different sizes");
+    To t;
+    std::memcpy(&t, &f, sizeof t);
+    return t;
 }
-inline int __float_as_int(float f) {
-    int i;
-    std::memcpy(&i, &f, 4);
-    return i;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned i;
-    std::memcpy(&i, &f, 4);
-    return i;
-}
-inline float __uint_as_float(unsigned i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
-}
+inline float __int_as_float(int i) { return emu_bits<float>(i); }
+inline int __float_as_int(float f) { return emu_bits<int>(f); }
+inline unsigned __float_as_uint(float f) { return emu_bits<unsigned>(f); }
+inline float __uint_as_float(unsigned i) { return emu_bits<float>(i); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 using std::max;
 using std::min;

@@ -166,6 +166,25 @@ fn random_tiny(chunk: usize, vocab: usize, seed: u64) -> (Tiny<f32, Cpu>, ModelC
     )
 }
 
+/// `t` random token ids (seeded by `seed`) and the dfdx model's logits for them in one forward.
+fn random_stream(
+    m: &Tiny<f32, Cpu>,
+    conf: &ModelConf,
+    t: usize,
+    seed: u64,
+) -> (Vec<usize>, Vec<f64>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..conf.vocab_size)).collect();
+    let want = m
+        .forward(&toks, 1, t)
+        .unwrap()
+        .as_vec()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    (toks, want)
+}
+
 on_backends!(dfdx_body: cpu_matches_the_dfdx_model, cuda_matches_the_dfdx_model);
 
 /// Across chunks and calls, any block size, only the last row, no rows.
@@ -174,16 +193,8 @@ fn dfdx_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
         return;
     };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let t = 150;
-    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..97)).collect();
-    let want: Vec<f64> = m
-        .forward(&toks, 1, t)
-        .unwrap()
-        .as_vec()
-        .iter()
-        .map(|&x| x as f64)
-        .collect();
+    let (toks, want) = random_stream(&m, &conf, t, 1);
     check(&e, &toks, 1, t, &[t], 1, &want, "150 tokens, block 1");
     check(&e, &toks, 1, t, &[t], 64, &want, "150 tokens, block 64");
     check(
@@ -229,16 +240,8 @@ fn long_prefill_body<B: StreamBackend>(make: fn(Engine) -> Option<B>) {
     let Some(e) = make(Engine::from_model(&mut m, &conf).unwrap()) else {
         return;
     };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let t = 300;
-    let toks: Vec<usize> = (0..t).map(|_| rng.gen_range(0..61)).collect();
-    let want: Vec<f64> = m
-        .forward(&toks, 1, t)
-        .unwrap()
-        .as_vec()
-        .iter()
-        .map(|&x| x as f64)
-        .collect();
+    let (toks, want) = random_stream(&m, &conf, t, 3);
     for block in [128, 2 * CEMA_SEGMENT + 8] {
         let what = format!("300 tokens, block {block}");
         check(&e, &toks, 1, t, &[t], block, &want, &what);
