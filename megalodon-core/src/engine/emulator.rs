@@ -124,14 +124,18 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
     if fresh {
         return Ok(dir.to_path_buf());
     }
+    // build in a folder of this process's own, then move the libraries into place (a rename is
+    // atomic), so that processes building at the same time never load a half-written library
+    let work = dir.join(format!(".build-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     for (name, text) in files {
-        let p = dir.join(name);
+        let p = work.join(name);
         std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
     }
     let mut children = Vec::new();
     for (lib, src) in libs {
         let child = Command::new(&cxx)
-            .current_dir(dir)
+            .current_dir(&work)
             .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-o", lib, src])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -150,10 +154,19 @@ pub fn build(dir: &Path) -> Result<PathBuf> {
         ensure!(
             out.status.success(),
             "the CUDA emulator's {lib} did not compile ({cxx}, in {}):\n{}",
-            dir.display(),
+            work.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    for (name, _) in files {
+        // the sources stay beside the libraries, for reading
+        let _ = std::fs::rename(work.join(name), dir.join(name));
+    }
+    for (lib, _) in libs {
+        std::fs::rename(work.join(lib), dir.join(lib))
+            .with_context(|| format!("moving {lib} into {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&work);
     std::fs::write(&stamp_file, format!("{stamp:016x}"))
         .with_context(|| format!("writing {}", stamp_file.display()))?;
     Ok(dir.to_path_buf())
