@@ -12,6 +12,14 @@
 //   3. `cema_scan_out_f32`, thread (segment, channel): replays its rows from h_in(s) and writes y.
 // Work per step stays O(t N) per channel; the sequential part is S steps per state element.
 
+// One step of one state: h = p x + q h (complex q, real p and x).
+__device__ __forceinline__ void cema_update(float p, float qr, float qi, float x, float& hr,
+                                            float& hi) {
+    const float nr = p * x + qr * hr - qi * hi;
+    hi = qi * hr + qr * hi;
+    hr = nr;
+}
+
 extern "C" __global__ void cema_f32(const float* u, float* y, float* h_re, float* h_im,
                                     const float* p, const float* q_re, const float* q_im,
                                     const float* eta_re, const float* eta_im, const float* omega,
@@ -23,12 +31,11 @@ extern "C" __global__ void cema_f32(const float* u, float* y, float* h_re, float
         const float x = u[(long long)r * m + ch];
         float acc = 0.0f;
         for (int k = k0; k < k0 + n; ++k) {
-            const float hr = h_re[k], hi = h_im[k];
-            const float nr = p[k] * x + q_re[k] * hr - q_im[k] * hi;
-            const float ni = q_im[k] * hr + q_re[k] * hi;
-            h_re[k] = nr;
-            h_im[k] = ni;
-            acc += eta_re[k] * nr - eta_im[k] * ni;
+            float hr = h_re[k], hi = h_im[k];
+            cema_update(p[k], q_re[k], q_im[k], x, hr, hi);
+            h_re[k] = hr;
+            h_im[k] = hi;
+            acc += eta_re[k] * hr - eta_im[k] * hi;
         }
         y[(long long)r * m + ch] = acc + omega[ch] * x;
     }
@@ -47,13 +54,7 @@ extern "C" __global__ void cema_scan_local_f32(const float* u, float* e_re, floa
         const int r0 = (int)(s * seg), r1 = min(t, r0 + seg);
         const float pk = p[k], qr = q_re[k], qi = q_im[k];
         float hr = 0.0f, hi = 0.0f;
-        for (int r = r0; r < r1; ++r) {
-            const float x = u[(long long)r * m + ch];
-            const float nr = pk * x + qr * hr - qi * hi;
-            const float ni = qi * hr + qr * hi;
-            hr = nr;
-            hi = ni;
-        }
+        for (int r = r0; r < r1; ++r) cema_update(pk, qr, qi, u[(long long)r * m + ch], hr, hi);
         e_re[i] = hr;
         e_im[i] = hi;
     }
@@ -134,11 +135,8 @@ extern "C" __global__ void cema_scan_out_f32(const float* u, float* y, const flo
             float acc = 0.0f;
             for (int j = 0; j < n; ++j) {
                 const long long k = k0 + j;
-                const float nr = p[k] * x + q_re[k] * hr[j] - q_im[k] * hi[j];
-                const float ni = q_im[k] * hr[j] + q_re[k] * hi[j];
-                hr[j] = nr;
-                hi[j] = ni;
-                acc += eta_re[k] * nr - eta_im[k] * ni;
+                cema_update(p[k], q_re[k], q_im[k], x, hr[j], hi[j]);
+                acc += eta_re[k] * hr[j] - eta_im[k] * hi[j];
             }
             y[(long long)r * m + ch] = acc + omega[ch] * x;
         }

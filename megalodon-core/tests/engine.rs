@@ -26,7 +26,13 @@ const REQUIRE_CUDA: &str = "MEGALODON_REQUIRE_CUDA";
 
 /// The CUDA backend on GPU 0, or `None` (with the reason printed) where there is none.
 fn cuda(e: Engine) -> Option<CudaEngine> {
-    match CudaEngine::new(&e, 0) {
+    made(CudaEngine::new(&e, 0))
+}
+
+/// The CUDA engine, or `None` (with the reason printed) where none could be made; a panic then
+/// when [`REQUIRE_CUDA`] is set.
+fn made(r: anyhow::Result<CudaEngine>) -> Option<CudaEngine> {
+    match r {
         Ok(c) => Some(c),
         Err(err) if std::env::var_os(REQUIRE_CUDA).is_some() => {
             panic!("{REQUIRE_CUDA} is set but no CUDA engine could be made: {err:#}")
@@ -500,15 +506,8 @@ fn cuda_bf16_tracks_the_f32_engine() {
         ..
     } = reduced_case();
     let t = toks.len();
-    let b = match CudaEngine::with_precision(&e, 0, Precision::Bf16) {
-        Ok(b) => b,
-        Err(err) if std::env::var_os(REQUIRE_CUDA).is_some() => {
-            panic!("{REQUIRE_CUDA} is set but no CUDA engine could be made: {err:#}")
-        }
-        Err(err) => {
-            println!("SKIPPED: no CUDA engine here ({err:#})");
-            return;
-        }
+    let Some(b) = made(CudaEngine::with_precision(&e, 0, Precision::Bf16)) else {
+        return;
     };
     let f = CudaEngine::new(&e, 0).unwrap();
     assert_eq!(

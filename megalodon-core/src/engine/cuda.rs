@@ -112,6 +112,11 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
+/// What NVRTC compiles for kernel source `src`: `common.cuh`, then the file.
+pub(crate) fn nvrtc_source(src: &str) -> String {
+    format!("{COMMON}\n{src}")
+}
+
 /// Compiles every kernel source to PTX with NVRTC (needs `libnvrtc.so.13`, no GPU): what CI runs
 /// so that a kernel that does not compile fails without a GPU. Returns `(file, ptx)` pairs.
 pub fn compile_kernels() -> Result<Vec<(&'static str, Ptx)>> {
@@ -125,7 +130,7 @@ pub fn compile_kernels() -> Result<Vec<(&'static str, Ptx)>> {
     SOURCES
         .iter()
         .map(|&(name, src)| {
-            let full = format!("{COMMON}\n{src}");
+            let full = nvrtc_source(src);
             let opts = CompileOptions {
                 name: Some(name.to_string()),
                 ..Default::default()
@@ -496,7 +501,8 @@ impl CudaEngine {
             let x = x.with_context(|| format!("cuda engine: {what} overflows"))?;
             i32_of(x, what)?;
         }
-        // the chunked CEMA scan keeps a channel's N states in registers, one thread per state
+        // the chunked CEMA scan keeps a channel's N states in registers (`cema_scan_out_f32`)
+        // and walks the segments with one thread per state (`cema_scan_carry_f32`, one launch)
         ensure!(
             d.n <= CEMA_SCAN_MAX_N,
             "cuda engine: cema_ndim {} is above the {CEMA_SCAN_MAX_N} the CEMA scan kernel supports",
@@ -610,8 +616,8 @@ impl CudaEngine {
                     self.zeros(n)?
                 }
             },
-            seg_re: self.zeros(Self::seg_len(block, d))?,
-            seg_im: self.zeros(Self::seg_len(block, d))?,
+            seg_re: self.zeros(Self::seg_len(block, d)?)?,
+            seg_im: self.zeros(Self::seg_len(block, d)?)?,
             host_toks: vec![0; block],
             host_logits: vec![0.0; block * d.vocab],
         };
@@ -637,12 +643,16 @@ impl CudaEngine {
     }
 
     /// Values of each segment-state buffer of a state processing `block` rows at a time.
-    fn seg_len(block: usize, d: &EngineDims) -> usize {
-        if block >= 2 * CEMA_SEGMENT {
-            block.div_ceil(CEMA_SEGMENT) * d.m * d.n
-        } else {
-            1
+    fn seg_len(block: usize, d: &EngineDims) -> Result<usize> {
+        if block < 2 * CEMA_SEGMENT {
+            return Ok(1);
         }
+        block
+            .div_ceil(CEMA_SEGMENT)
+            .checked_mul(d.m * d.n)
+            .with_context(|| {
+                format!("engine: block {block} x model_dim x cema_ndim of CEMA states overflows")
+            })
     }
 
     /// A fresh state with the official re-windowed TimestepNorm evaluation (as the CPU's).

@@ -11,7 +11,7 @@
 //! block shapes, shared memory, buffer sizes through NaN-filled fresh allocations) and the kernels'
 //! arithmetic; it says nothing about speed, concurrency or the real cuBLAS.
 
-use super::cuda::{COMMON, KERNELS, SOURCES};
+use super::cuda::{nvrtc_source, COMMON, KERNELS, SOURCES};
 use anyhow::{bail, ensure, Context, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -89,7 +89,7 @@ fn driver_source() -> Result<String> {
     s.push_str("static const EmuSource EMU_SOURCES[] = {\n");
     for (file, src) in SOURCES {
         // what `compile_kernels` hands NVRTC
-        let h = source_hash(&format!("{COMMON}\n{src}"));
+        let h = source_hash(&nvrtc_source(src));
         writeln!(s, "    {{\"{file}\", 0x{h:016x}ull}},")?;
     }
     s.push_str("};\n#include \"driver.cpp\"\n");
